@@ -1,0 +1,106 @@
+"""Typed configuration, read once at start-up from env vars and an optional TOML file.
+
+Precedence: environment variables, then the file named by ``METERING_CONFIG``, then defaults.
+A wrong value fails fast with a :class:`ConfigError` naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from metering.errors import ConfigError
+
+__all__ = ["DEFAULT_SCORE_WEIGHTS", "Settings", "load_settings"]
+
+#: billaged's composite score: cpu_seconds*1.0 + memory_gb*0.5 + disk_mb*0.3
+DEFAULT_SCORE_WEIGHTS: dict[str, Decimal] = {
+    "cpu_seconds": Decimal("1.0"),
+    "memory_gb": Decimal("0.5"),
+    "disk_mb": Decimal("0.3"),
+}
+
+
+class Settings(BaseSettings):
+    """Every setting of the pipeline; env var names are the field names upper-cased."""
+
+    model_config = SettingsConfigDict(extra="forbid", case_sensitive=False)
+
+    kafka_bootstrap_servers: str | None = Field(
+        default=None, description="Existing Kafka; unset means start the embedded Tansu broker."
+    )
+    topic_partitions: int = Field(default=4, ge=1, le=1024)
+    topic_replication_factor: int = Field(default=1, ge=-1, description="-1: the broker's default")
+    topic_prefix: str = Field(default="", description="Prepended to every topic name.")
+    consumer_group_prefix: str = Field(default="metering")
+
+    clickhouse_url: str | None = Field(
+        default=None,
+        description="clickhouse://user:password@host:9000/database; unset means embedded chdb.",
+    )
+    chdb_path: str = Field(default=".metering/chdb")
+
+    window_size_seconds: int = Field(default=60, ge=1)
+    allowed_lateness_seconds: int = Field(default=10, ge=0)
+    idle_close_seconds: float = Field(
+        default=30.0, gt=0, description="Advance an idle partition's watermark by wall clock."
+    )
+    score_weights: dict[str, Decimal] = Field(default_factory=lambda: dict(DEFAULT_SCORE_WEIGHTS))
+
+    webhook_url: str | None = None
+    webhook_secret: str | None = Field(default=None, description="whsec_<base64>")
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    sink_batch_size: int = Field(default=10_000, ge=1)
+    sink_flush_seconds: float = Field(default=1.0, gt=0)
+    retention_months: int = Field(default=36, ge=1)
+
+    worker_datadir: str = Field(default=".metering/faust")
+    worker_web_port: int = Field(default=6066, ge=0, le=65535)
+
+    @field_validator("score_weights")
+    @classmethod
+    def _known_weights(cls, v: dict[str, Decimal]) -> dict[str, Decimal]:
+        unknown = set(v) - set(DEFAULT_SCORE_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown score terms {sorted(unknown)}; known: cpu_seconds, memory_gb, disk_mb")
+        return {**DEFAULT_SCORE_WEIGHTS, **v}
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith("whsec_"):
+            raise ValueError("must start with 'whsec_' (Standard Webhooks secret format)")
+        return v
+
+    def topic(self, name: str) -> str:
+        """The full name of a logical topic (``usage.records`` ...)."""
+        return f"{self.topic_prefix}{name}"
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read and validate the settings once; raise ConfigError naming the bad setting."""
+    path = config_file or os.environ.get("METERING_CONFIG")
+    file_values: dict[str, Any] = {}
+    if path:
+        try:
+            file_values = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"METERING_CONFIG={path}: cannot read: {exc}") from exc
+    env_names = {k.lower() for k in os.environ}
+    # env vars win over the file: drop file keys the environment also sets
+    merged = {k: v for k, v in file_values.items() if k.lower() not in env_names}
+    merged.update(overrides)
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc

@@ -1,0 +1,25 @@
+"""Avro schemas (.avsc) of the pipeline's messages and the codec that reads and writes them."""
+
+from schemas.codec import (
+    DECIMAL_QUANTUM,
+    AvroCodec,
+    CodecError,
+    crc64_avro,
+    dead_letter_codec,
+    envelope_codec,
+    load_schema,
+    record_codec,
+    window_codec,
+)
+
+__all__ = [
+    "DECIMAL_QUANTUM",
+    "AvroCodec",
+    "CodecError",
+    "crc64_avro",
+    "dead_letter_codec",
+    "envelope_codec",
+    "load_schema",
+    "record_codec",
+    "window_codec",
+]
