@@ -68,6 +68,8 @@ class EnvelopePublisher:
             "enable.idempotence": True,
             "linger.ms": 5,
             "compression.type": "lz4",
+            # the Java client's partitioner, so aiokafka (Faust) and we agree on key -> partition
+            "partitioner": "murmur2_random",
         }
         conf.update(config or {})
         self._producer = Producer(conf)

@@ -11,6 +11,7 @@ from schemas.codec import (
     record_codec,
     window_codec,
 )
+from schemas.deadletters import encode_dead_letter
 
 __all__ = [
     "DECIMAL_QUANTUM",
@@ -18,6 +19,7 @@ __all__ = [
     "CodecError",
     "crc64_avro",
     "dead_letter_codec",
+    "encode_dead_letter",
     "envelope_codec",
     "load_schema",
     "record_codec",

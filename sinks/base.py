@@ -27,7 +27,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Message, Producer, TopicPartition
 
-from schemas import AvroCodec, CodecError, dead_letter_codec
+from schemas import AvroCodec, CodecError, encode_dead_letter
 from sinks.errors import BackpressureError, SinkError, SinkUnavailableError
 
 __all__ = ["Batch", "BatchingSink", "SinkRecord", "SinkStats"]
@@ -219,17 +219,14 @@ class BatchingSink(ABC):
         log.error("%s: dead letter %s[%d]@%d: %s", self.name, msg.topic(), msg.partition(),
                   msg.offset(), reason)
         self._dead.append(
-            dead_letter_codec().encode(
-                {
-                    "source_topic": msg.topic(),
-                    "source_partition": msg.partition(),
-                    "source_offset": msg.offset(),
-                    "stage": self.name,
-                    "reason": reason,
-                    "key": msg.key(),
-                    "payload": msg.value() or b"",
-                    "failed_at_ms": int(time.time() * 1000),
-                }
+            encode_dead_letter(
+                topic=msg.topic(),
+                partition=msg.partition(),
+                offset=msg.offset(),
+                stage=self.name,
+                reason=reason,
+                key=msg.key(),
+                payload=msg.value(),
             )
         )
 

@@ -1,0 +1,202 @@
+"""The Faust agents: normalize source envelopes, then window and score them.
+
+Where a sample goes:
+  usage.<source> --normalize--> usage.records --windows--> usage.windows
+                        \\-> usage.dlq (reason)        \\-> usage.late (window already closed)
+
+Agents consume batches with ``take_events`` (Faust's cost is per message, so each message is
+a batch envelope), aggregate in plain dicts, and wait for Kafka to acknowledge everything
+they produced before the batch's events are acked. No exception escapes an agent: Faust
+would ack and skip the event; we dead-letter it with the reason instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+
+from metering.config import Settings
+from schemas import CodecError, encode_dead_letter, envelope_codec, window_codec
+from streams.normalize import invalid_reason
+from streams.topics import StreamTopics
+from streams.windows import PartitionWindows, WindowConfig
+
+__all__ = ["WindowState", "install_agents"]
+
+log = logging.getLogger(__name__)
+
+TAKE_MAX = 500
+TAKE_WITHIN = 0.2
+
+
+@dataclass
+class WindowState:
+    """The window agent's per-partition state, shared with the idle-close timer."""
+
+    config: WindowConfig
+    partitions: dict[int, PartitionWindows] = field(default_factory=dict)
+    last_seen: dict[int, float] = field(default_factory=dict)
+
+    def of(self, partition: int) -> PartitionWindows:
+        """The windows of one input partition (created on first use)."""
+        pw = self.partitions.get(partition)
+        if pw is None:
+            pw = self.partitions[partition] = PartitionWindows(self.config)
+        self.last_seen[partition] = time.monotonic()
+        return pw
+
+
+def _dead(ev: faust.EventT, stage: str, reason: str) -> bytes:
+    msg = ev.message
+    return encode_dead_letter(
+        topic=msg.topic, partition=msg.partition, offset=msg.offset, stage=stage,
+        reason=reason, key=msg.key, payload=msg.value,
+    )
+
+
+def install_agents(app: faust.App, topics: StreamTopics, settings: Settings) -> WindowState:
+    """Register the normalize and windows agents and the idle-close timer on ``app``."""
+    env_codec = envelope_codec()
+    win_codec = window_codec()
+    state = WindowState(
+        WindowConfig(
+            size_ms=settings.window_size_seconds * 1000,
+            lateness_ms=settings.allowed_lateness_seconds * 1000,
+            weights=settings.score_weights,
+        )
+    )
+
+    async def settle(pending: list[Awaitable[Any]]) -> None:
+        # at-least-once: the batch's events are acked only after Kafka acked our output
+        if pending:
+            await asyncio.gather(*pending)
+
+    async def send(topic: faust.TopicT, key: bytes | None, value: bytes) -> Awaitable[Any]:
+        return await topic.send(key=key, value=value)
+
+    @app.agent(topics.sources, name="normalize")
+    async def normalize(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+            pending: list[Awaitable[Any]] = []
+            try:
+                by_tenant: dict[str, list[dict[str, Any]]] = defaultdict(list)
+                watermarks: list[int] = []
+                for ev in events:
+                    try:
+                        env = env_codec.decode(ev.message.value or b"")
+                    except CodecError as exc:
+                        pending.append(await send(topics.dlq, None, _dead(ev, "normalize", str(exc))))
+                        continue
+                    for i, rec in enumerate(env["records"]):
+                        reason = invalid_reason(rec, env["sent_at_ms"])
+                        if reason is not None:
+                            pending.append(await send(topics.dlq, None, _dead(
+                                ev, "normalize", f"record {i} ({rec.get('event_id')}): {reason}")))
+                            continue
+                        by_tenant[rec["tenant_id"]].append(rec)
+                    if env["watermark_ms"] is not None:
+                        watermarks.append(env["watermark_ms"])
+                now_ms = int(time.time() * 1000)
+                for tenant, recs in by_tenant.items():
+                    out = env_codec.encode({
+                        "envelope_id": uuid.uuid4().hex, "source": "normalized",
+                        "producer": "normalize", "sent_at_ms": now_ms, "watermark_ms": None,
+                        "records": recs,
+                    })
+                    pending.append(await send(topics.records, tenant.encode(), out))
+                if watermarks:
+                    # a producer's promise must reach every windowing partition
+                    mark = env_codec.encode({
+                        "envelope_id": uuid.uuid4().hex, "source": "normalized",
+                        "producer": "normalize", "sent_at_ms": now_ms,
+                        "watermark_ms": max(watermarks), "records": [],
+                    })
+                    for p in range(settings.topic_partitions):
+                        pending.append(await topics.records.send(value=mark, partition=p))
+                await settle(pending)
+            except Exception:  # never let Faust ack-and-skip silently
+                log.exception("normalize: batch of %d failed; dead-lettering it", len(events))
+                await _dead_letter_all(topics, events, "normalize")
+
+    @app.agent(topics.records, name="windows")
+    async def windows(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+            pending: list[Awaitable[Any]] = []
+            try:
+                touched: set[int] = set()
+                for ev in events:
+                    part = ev.message.partition
+                    try:
+                        env = env_codec.decode(ev.message.value or b"")
+                    except CodecError as exc:
+                        pending.append(await send(topics.dlq, None, _dead(ev, "windows", str(exc))))
+                        continue
+                    pw = state.of(part)
+                    touched.add(part)
+                    late = pw.add(env["records"])
+                    pw.promise(env["watermark_ms"])
+                    if late:
+                        pending.extend(await _send_late(topics, env_codec, late))
+                for part in touched:
+                    pending.extend(await _emit(topics, win_codec, state.partitions[part]))
+                await settle(pending)
+            except Exception:
+                log.exception("windows: batch of %d failed; dead-lettering it", len(events))
+                await _dead_letter_all(topics, events, "windows")
+
+    @app.timer(interval=max(1.0, settings.idle_close_seconds / 4))
+    async def close_idle_windows() -> None:
+        # an idle partition's watermark follows the wall clock, so the last windows of a
+        # quiet tenant still close (later samples for them become late, and are counted)
+        now = time.monotonic()
+        wall_ms = int(time.time() * 1000)
+        pending: list[Awaitable[Any]] = []
+        for part, pw in state.partitions.items():
+            if pw.open and now - state.last_seen.get(part, now) >= settings.idle_close_seconds:
+                pw.promise(wall_ms - state.config.lateness_ms)
+                pending.extend(await _emit(topics, win_codec, pw))
+        await settle(pending)
+
+    del normalize, windows, close_idle_windows  # registered on the app
+    return state
+
+
+async def _emit(topics: StreamTopics, codec: Any, pw: PartitionWindows) -> list[Awaitable[Any]]:
+    out = []
+    for result in pw.close_due():
+        out.append(await topics.windows.send(
+            key=result["tenant_id"].encode(), value=codec.encode(result)))
+    return out
+
+
+async def _send_late(
+    topics: StreamTopics, codec: Any, late: list[Any]
+) -> list[Awaitable[Any]]:
+    by_tenant: dict[str, list[Any]] = defaultdict(list)
+    for r in late:
+        by_tenant[r["tenant_id"]].append(r)
+    out = []
+    for tenant, recs in by_tenant.items():
+        payload = codec.encode({
+            "envelope_id": uuid.uuid4().hex, "source": "late", "producer": "windows",
+            "sent_at_ms": int(time.time() * 1000), "watermark_ms": None, "records": recs,
+        })
+        out.append(await topics.late.send(key=tenant.encode(), value=payload))
+    return out
+
+
+async def _dead_letter_all(topics: StreamTopics, events: Any, stage: str) -> None:
+    try:
+        futs = [await topics.dlq.send(value=_dead(ev, stage, "unexpected error, see worker log"))
+                for ev in events]
+        await asyncio.gather(*futs)
+    except Exception:
+        log.exception("%s: could not dead-letter a failed batch", stage)

@@ -1,0 +1,92 @@
+"""Per-metric aggregations of one window, exact on Decimal.
+
+Each aggregation keeps a small state per (tenant, window, metric) and returns one Decimal.
+Results depend only on the multiset of samples, never on arrival order, so a window
+recomputed after a crash or a replay gives the same number.
+"""
+
+from __future__ import annotations
+
+import decimal
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+__all__ = ["AGGREGATIONS", "DEFAULT_METRIC_AGGREGATIONS", "MetricState", "new_state"]
+
+#: billaged's VM metrics; anything else defaults to "sum"
+DEFAULT_METRIC_AGGREGATIONS: dict[str, str] = {
+    "cpu_time_nanos": "sum",
+    "memory_usage_bytes": "resource_mean",
+    "disk_read_bytes": "sum",
+    "disk_write_bytes": "sum",
+    "network_rx_bytes": "sum",
+    "network_tx_bytes": "sum",
+}
+
+AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count", "resource_mean")
+
+_ZERO = Decimal(0)
+# wide enough that a mean of decimal(38, 9) values is exact to well past 9 places
+_CTX = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN)
+
+
+@dataclass(slots=True)
+class MetricState:
+    """Accumulator of one metric in one window of one tenant."""
+
+    kind: str
+    samples: int = 0
+    total: Decimal = _ZERO
+    maximum: Decimal | None = None
+    latest_key: tuple[int, str] | None = None
+    latest: Decimal = _ZERO
+    distinct: set[Decimal] = field(default_factory=set)
+    per_resource: dict[str, list[Any]] = field(default_factory=dict)  # resource -> [sum, n]
+
+    def add(self, value: Decimal, ts_ms: int, event_id: str, resource_id: str) -> None:
+        """Fold one sample in."""
+        self.samples += 1
+        kind = self.kind
+        if kind == "sum":
+            self.total += value
+        elif kind == "max":
+            if self.maximum is None or value > self.maximum:
+                self.maximum = value
+        elif kind == "latest":
+            key = (ts_ms, event_id)  # event_id breaks ties so the result is order-independent
+            if self.latest_key is None or key > self.latest_key:
+                self.latest_key, self.latest = key, value
+        elif kind == "unique_count":
+            self.distinct.add(value)
+        elif kind == "resource_mean":
+            acc = self.per_resource.get(resource_id)
+            if acc is None:
+                self.per_resource[resource_id] = [value, 1]
+            else:
+                acc[0] += value
+                acc[1] += 1
+
+    def result(self) -> Decimal:
+        """The aggregated value (unrounded)."""
+        kind = self.kind
+        if kind == "sum":
+            return self.total
+        if kind == "count":
+            return Decimal(self.samples)
+        if kind == "max":
+            return self.maximum if self.maximum is not None else _ZERO
+        if kind == "latest":
+            return self.latest
+        if kind == "unique_count":
+            return Decimal(len(self.distinct))
+        # resource_mean: each resource's mean sample, summed over resources — a tenant's
+        # average footprint of a gauge (memory) during the window
+        return sum((_CTX.divide(s, n) for s, n in self.per_resource.values()), _ZERO)
+
+
+def new_state(kind: str) -> MetricState:
+    """A fresh accumulator; raises ValueError for an unknown aggregation."""
+    if kind not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {kind!r}; known: {', '.join(AGGREGATIONS)}")
+    return MetricState(kind)

@@ -1,0 +1,30 @@
+"""Creates the Faust App; nothing else lives here."""
+
+from __future__ import annotations
+
+import faust
+
+from metering.config import Settings
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
+    """A Faust app for the stream stage, configured from the validated settings."""
+    return faust.App(
+        f"{settings.consumer_group_prefix}.{settings.topic_prefix}streams",
+        broker=f"kafka://{bootstrap_servers}",
+        store="memory://",
+        datadir=settings.worker_datadir,
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=max(settings.topic_replication_factor, 1),
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        # Tansu completes a group join after about half the session timeout
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=1.0,
+        broker_commit_interval=1.0,
+        web_enabled=settings.worker_web_port != 0,
+        web_port=settings.worker_web_port or 6066,
+        web_bind="127.0.0.1",
+    )

@@ -1,0 +1,37 @@
+"""Validation of incoming usage envelopes into canonical usage records.
+
+Checks are relative to the envelope's ``sent_at_ms``, not the wall clock, so replaying a
+topic months later accepts and rejects exactly what the live run did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+__all__ = ["MAX_AGE_MS", "MAX_FUTURE_MS", "invalid_reason"]
+
+MAX_FUTURE_MS = 5 * 60 * 1000  # Stripe's bound: 5 minutes in the future
+MAX_AGE_MS = 35 * 24 * 3600 * 1000  # and 35 days in the past
+_MAX_VALUE = Decimal(10) ** 29  # decimal(38, 9) holds 29 integer digits
+
+
+def invalid_reason(record: Mapping[str, Any], sent_at_ms: int) -> str | None:
+    """Why a decoded record cannot be billed, or None when it is valid."""
+    for name in ("event_id", "tenant_id", "metric", "resource_id"):
+        if not record.get(name):
+            return f"{name} is empty"
+    value = record["value"]
+    if not isinstance(value, Decimal) or not value.is_finite():
+        return f"value {value!r} is not a finite decimal"
+    if value < 0:
+        return f"value {value} is negative (usage is never negative; counters need deltas)"
+    if value >= _MAX_VALUE:
+        return f"value {value} exceeds decimal(38, 9)"
+    ts = record["event_time_ms"]
+    if ts > sent_at_ms + MAX_FUTURE_MS:
+        return f"event_time_ms {ts} is more than 5 minutes after the envelope was sent ({sent_at_ms})"
+    if ts < sent_at_ms - MAX_AGE_MS:
+        return f"event_time_ms {ts} is more than 35 days before the envelope was sent ({sent_at_ms})"
+    return None

@@ -1,0 +1,39 @@
+"""The composite billing score of a window (billaged's formula, weights from config).
+
+    score = cpu_seconds * w_cpu + memory_gb * w_mem + disk_mb * w_disk
+
+cpu_seconds = cpu_time_nanos / 1e9; memory_gb = memory_usage_bytes (tenant's mean footprint)
+/ 1e9; disk_mb = (disk_read_bytes + disk_write_bytes) / 1e6. Decimal throughout, quantized
+to 9 places half-even at the end only.
+"""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Mapping
+from decimal import Decimal
+
+from schemas import DECIMAL_QUANTUM
+
+__all__ = ["SCORE_TERMS", "score"]
+
+#: term -> (metrics summed into it, divisor to the term's unit)
+SCORE_TERMS: dict[str, tuple[tuple[str, ...], Decimal]] = {
+    "cpu_seconds": (("cpu_time_nanos",), Decimal(10) ** 9),
+    "memory_gb": (("memory_usage_bytes",), Decimal(10) ** 9),
+    "disk_mb": (("disk_read_bytes", "disk_write_bytes"), Decimal(10) ** 6),
+}
+
+_CTX = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN)
+
+
+def score(totals: Mapping[str, Decimal], weights: Mapping[str, Decimal]) -> Decimal:
+    """Score of one window from its per-metric totals; exact, then quantized to 1e-9."""
+    result = Decimal(0)
+    for term, (metrics, divisor) in SCORE_TERMS.items():
+        weight = weights.get(term)
+        if not weight:
+            continue
+        amount = sum((totals.get(m, Decimal(0)) for m in metrics), Decimal(0))
+        result = _CTX.add(result, _CTX.multiply(_CTX.divide(amount, divisor), weight))
+    return result.quantize(DECIMAL_QUANTUM, context=_CTX)

@@ -1,0 +1,27 @@
+"""Build and run the stream worker: app, topics, agents."""
+
+from __future__ import annotations
+
+import faust
+
+from metering.config import Settings
+from streams.agents import WindowState, install_agents
+from streams.app import create_app
+from streams.topics import declare_topics
+
+__all__ = ["build_worker", "run_worker"]
+
+
+def build_worker(settings: Settings, bootstrap_servers: str) -> tuple[faust.App, WindowState]:
+    """The configured Faust app with every agent installed."""
+    app = create_app(settings, bootstrap_servers)
+    topics = declare_topics(app, settings)
+    state = install_agents(app, topics, settings)
+    return app, state
+
+
+def run_worker(settings: Settings, bootstrap_servers: str, loglevel: str = "info") -> None:
+    """Run the stream worker in the foreground until it is stopped (SIGTERM/SIGINT)."""
+    app, _ = build_worker(settings, bootstrap_servers)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
