@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     )
     chdb_path: str = Field(default=".metering/chdb")
 
-    window_size_seconds: int = Field(default=60, ge=1)
+    window_sizes_seconds: list[int] = Field(
+        default_factory=lambda: [60, 3600], description="Tumbling window sizes (event time)."
+    )
     allowed_lateness_seconds: int = Field(default=10, ge=0)
     idle_close_seconds: float = Field(
         default=30.0, gt=0, description="Advance an idle partition's watermark by wall clock."
@@ -71,6 +73,13 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown score terms {sorted(unknown)}; known: cpu_seconds, memory_gb, disk_mb")
         return {**DEFAULT_SCORE_WEIGHTS, **v}
+
+    @field_validator("window_sizes_seconds")
+    @classmethod
+    def _sizes(cls, v: list[int]) -> list[int]:
+        if not v or any(x <= 0 for x in v):
+            raise ValueError("must be a non-empty list of positive seconds, e.g. [60, 3600]")
+        return sorted(set(v))
 
     @field_validator("webhook_secret")
     @classmethod

@@ -8,6 +8,7 @@ per-tenant results read back from ClickHouse.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ def _worker_env(settings: Settings, bootstrap: str, datadir: Path) -> dict[str, 
         KAFKA_BOOTSTRAP_SERVERS=bootstrap,
         TOPIC_PREFIX=settings.topic_prefix,
         TOPIC_PARTITIONS=str(settings.topic_partitions),
-        WINDOW_SIZE_SECONDS=str(settings.window_size_seconds),
+        WINDOW_SIZES_SECONDS=json.dumps(settings.window_sizes_seconds),
         ALLOWED_LATENESS_SECONDS=str(settings.allowed_lateness_seconds),
         WORKER_DATADIR=str(datadir),
         WORKER_WEB_PORT=str(free_port()),
@@ -101,7 +102,7 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
             bootstrap, settings.topic(topics.SOURCE_TOPICS["vm"]), source="vm",
             producer_name="vm-simulator",
         )
-        size_ms = settings.window_size_seconds * 1000
+        size_ms = settings.window_sizes_seconds[0] * 1000
         ticks = minutes * 60_000 // sim.interval_ms
         now = int(time.time() * 1000)
         start = now - now % size_ms - ticks * sim.interval_ms

@@ -26,6 +26,7 @@ import faust
 from metering.config import Settings
 from schemas import CodecError, encode_dead_letter, envelope_codec, window_codec
 from streams.normalize import invalid_reason
+from streams.tables import StreamTables
 from streams.topics import StreamTopics
 from streams.windows import PartitionWindows, WindowConfig
 
@@ -39,19 +40,33 @@ TAKE_WITHIN = 0.2
 
 @dataclass
 class WindowState:
-    """The window agent's per-partition state, shared with the idle-close timer."""
+    """The window agent's per-partition state, shared with the idle-close timer.
+
+    ``held`` lists, per partition, the input messages not yet acked: (offset, release_at,
+    message). A message is acked only once every window it touched is closed and the close
+    is in the window-state table, so the committed offset never passes an open window.
+    """
 
     config: WindowConfig
     partitions: dict[int, PartitionWindows] = field(default_factory=dict)
+    held: dict[int, list[tuple[int, int, Any]]] = field(default_factory=dict)
     last_seen: dict[int, float] = field(default_factory=dict)
 
-    def of(self, partition: int) -> PartitionWindows:
-        """The windows of one input partition (created on first use)."""
+    def of(self, partition: int, saved: Any) -> PartitionWindows:
+        """The windows of one input partition, restored from ``saved`` on first use."""
         pw = self.partitions.get(partition)
         if pw is None:
-            pw = self.partitions[partition] = PartitionWindows(self.config)
+            pw = self.partitions[partition] = PartitionWindows(self.config, saved)
+            self.held[partition] = []
         self.last_seen[partition] = time.monotonic()
         return pw
+
+    def forget(self, partitions: Any) -> None:
+        """Drop the state of revoked partitions; their new owner replays from the commit."""
+        for p in partitions:
+            self.partitions.pop(p, None)
+            self.held.pop(p, None)
+            self.last_seen.pop(p, None)
 
 
 def _dead(ev: faust.EventT, stage: str, reason: str) -> bytes:
@@ -62,13 +77,15 @@ def _dead(ev: faust.EventT, stage: str, reason: str) -> bytes:
     )
 
 
-def install_agents(app: faust.App, topics: StreamTopics, settings: Settings) -> WindowState:
+def install_agents(
+    app: faust.App, topics: StreamTopics, tables: StreamTables, settings: Settings
+) -> WindowState:
     """Register the normalize and windows agents and the idle-close timer on ``app``."""
     env_codec = envelope_codec()
     win_codec = window_codec()
     state = WindowState(
         WindowConfig(
-            size_ms=settings.window_size_seconds * 1000,
+            sizes_ms=tuple(x * 1000 for x in settings.window_sizes_seconds),
             lateness_ms=settings.allowed_lateness_seconds * 1000,
             weights=settings.score_weights,
         )
@@ -126,6 +143,24 @@ def install_agents(app: faust.App, topics: StreamTopics, settings: Settings) -> 
                 log.exception("normalize: batch of %d failed; dead-lettering it", len(events))
                 await _dead_letter_all(topics, events, "normalize")
 
+    table = tables.window_state
+
+    def persist_and_release(part: int) -> None:
+        # after the batch's output is acknowledged: log the closes, then ack what they free
+        pw = state.partitions[part]
+        held = state.held[part]
+        closed = pw.closed_wm
+        keep = [h for h in held if closed is None or h[1] > closed]
+        free = [h for h in held if not (closed is None or h[1] > closed)]
+        min_held = min((h[0] for h in keep), default=None)
+        snap = pw.snapshot(min_held)
+        key = f"p{part}"
+        table.data[key] = snap
+        table.send_changelog(part, key, snap, key_serializer="json", value_serializer="json")
+        for _, _, message in free:
+            message.ack(app.consumer)
+        state.held[part] = keep
+
     @app.agent(topics.records, name="windows")
     async def windows(stream: faust.StreamT) -> None:
         async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
@@ -133,21 +168,26 @@ def install_agents(app: faust.App, topics: StreamTopics, settings: Settings) -> 
             try:
                 touched: set[int] = set()
                 for ev in events:
-                    part = ev.message.partition
+                    msg = ev.message
+                    part = msg.partition
+                    pw = state.of(part, table.data.get(f"p{part}"))
+                    touched.add(part)
                     try:
-                        env = env_codec.decode(ev.message.value or b"")
+                        env = env_codec.decode(msg.value or b"")
                     except CodecError as exc:
                         pending.append(await send(topics.dlq, None, _dead(ev, "windows", str(exc))))
                         continue
-                    pw = state.of(part)
-                    touched.add(part)
-                    late = pw.add(env["records"])
-                    pw.promise(env["watermark_ms"])
-                    if late:
-                        pending.extend(await _send_late(topics, env_codec, late))
+                    outcome = pw.add(msg.offset, env["records"], env["watermark_ms"])
+                    if outcome.late:
+                        pending.extend(await _send_late(topics, env_codec, outcome.late))
+                    if pw.closed_wm is None or outcome.release_at > pw.closed_wm:
+                        msg.incref()  # held until its windows close (see WindowState)
+                        state.held[part].append((msg.offset, outcome.release_at, msg))
                 for part in touched:
                     pending.extend(await _emit(topics, win_codec, state.partitions[part]))
                 await settle(pending)
+                for part in touched:
+                    persist_and_release(part)
             except Exception:
                 log.exception("windows: batch of %d failed; dead-lettering it", len(events))
                 await _dead_letter_all(topics, events, "windows")
@@ -158,14 +198,20 @@ def install_agents(app: faust.App, topics: StreamTopics, settings: Settings) -> 
         # quiet tenant still close (later samples for them become late, and are counted)
         now = time.monotonic()
         wall_ms = int(time.time() * 1000)
-        pending: list[Awaitable[Any]] = []
-        for part, pw in state.partitions.items():
+        for part, pw in list(state.partitions.items()):
             if pw.open and now - state.last_seen.get(part, now) >= settings.idle_close_seconds:
                 pw.promise(wall_ms - state.config.lateness_ms)
-                pending.extend(await _emit(topics, win_codec, pw))
-        await settle(pending)
+                pending = await _emit(topics, win_codec, pw)
+                if pending:
+                    await settle(pending)
+                    if part in state.partitions:
+                        persist_and_release(part)
 
-    del normalize, windows, close_idle_windows  # registered on the app
+    @app.on_partitions_revoked.connect
+    async def on_revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
+        state.forget({tp.partition for tp in revoked if tp.topic == topics.records.get_topic_name()})
+
+    del normalize, windows, close_idle_windows, on_revoked  # registered on the app
     return state
 
 

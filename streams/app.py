@@ -24,6 +24,8 @@ def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
         broker_session_timeout=10.0,
         broker_heartbeat_interval=1.0,
         broker_commit_interval=1.0,
+        # the windows agent holds acks on purpose; rebalances must not wait for them
+        stream_wait_empty=False,
         web_enabled=settings.worker_web_port != 0,
         web_port=settings.worker_web_port or 6066,
         web_bind="127.0.0.1",

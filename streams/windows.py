@@ -1,18 +1,30 @@
 """Event-time tumbling windows with our own watermark, one instance per input partition.
 
 Faust's windowed tables close windows by wall clock and lose late, replayed and restored
-data (DESIGN rule 2), so windows are kept here in plain dicts and closed explicitly:
+data (DESIGN rule 2), so windows are kept here in plain dicts and closed explicitly.
 
-* the watermark of a partition is the highest event time seen minus the allowed lateness
-  (or a producer's promise carried in an envelope, or wall clock when the partition idles);
-* a window [start, start+size) closes once, when the watermark reaches its end, and its
-  result is deterministic: the same samples give the same bytes, whatever their order;
-* a sample whose window has already closed is late: it is returned to the caller (which
-  sends it to ``usage.late``) and counted on the next window of that tenant, never dropped.
+* The watermark of a partition is the highest event time seen minus the allowed lateness,
+  raised further by producers' promises and, for an idle partition, by the wall clock.
+* ``closed_wm`` is the watermark at the last close: window [s, s+size) is closed, and was
+  emitted exactly once, iff s + size <= closed_wm. Results are deterministic: the same
+  samples give the same result whatever their order; duplicates (same event_id) inside a
+  window count once.
+* A sample whose window is already closed is late: it is returned to the caller (which sends
+  it to ``usage.late``) and counted on the carrier window (the tenant's first open window of
+  that size), never silently dropped.
+
+Exactly once across crashes. The caller holds each input message unacked until every window
+it touched (or carries a late count for) has closed and the close was durably logged (see
+:meth:`PartitionWindows.snapshot`), so the committed offset never passes an open window's
+first contributor. After a restart the saved snapshot says, per input offset, what
+``closed_wm`` was; replaying from the committed offset then makes the original decisions:
+windows already emitted are not emitted again (they could be partial), windows still open
+at the crash are rebuilt from all their contributors, and late decisions are unchanged.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -22,14 +34,14 @@ from schemas import DECIMAL_QUANTUM
 from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS, MetricState, new_state
 from streams.scoring import score
 
-__all__ = ["PartitionWindows", "WindowConfig", "window_id"]
+__all__ = ["MessageOutcome", "PartitionWindows", "WindowConfig", "window_id"]
 
 
 @dataclass(frozen=True)
 class WindowConfig:
     """How windows are cut and aggregated."""
 
-    size_ms: int
+    sizes_ms: tuple[int, ...]
     lateness_ms: int
     weights: Mapping[str, Decimal]
     aggregations: Mapping[str, str] = field(
@@ -50,20 +62,91 @@ def window_id(tenant_id: str, start_ms: int, size_ms: int) -> str:
 @dataclass(slots=True)
 class _Window:
     metrics: dict[str, MetricState] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
     samples: int = 0
+    late: int = 0
+
+
+@dataclass(slots=True)
+class MessageOutcome:
+    """What one input message did: its late records, and when it may be released."""
+
+    late: list[Mapping[str, Any]]
+    release_at: int  # the message may be acked once closed_wm >= release_at
+    duplicates: int = 0
+    replayed: bool = False
 
 
 class PartitionWindows:
     """Open windows of one input partition, its watermark, and the closed-window results."""
 
-    def __init__(self, config: WindowConfig) -> None:
+    def __init__(self, config: WindowConfig, saved: Mapping[str, Any] | None = None) -> None:
         self.config = config
+        self.open: dict[tuple[int, str, int], _Window] = {}  # (size, tenant, start)
         self.max_event_ms: int | None = None
-        self.promised_ms: int | None = None  # producers' watermark promises
-        self.closed_before_ms: int | None = None  # every window ending at or before is closed
-        self.open: dict[tuple[str, int], _Window] = {}
-        self.late_counts: dict[str, int] = {}  # tenant -> late samples not yet reported
+        self.promised_ms: int | None = None
+        self.closed_wm: int | None = None
+        self.last_offset = -1
         self.late_total = 0
+        self.duplicate_total = 0
+        # the durable close log: closed_wm after processing each logged offset
+        self._log_offsets: list[int] = []
+        self._log_values: list[int | None] = []
+        self._base_wm: int | None = None
+        self._replay_until = -1
+        self._final_wm: int | None = None
+        if saved:
+            self._restore(saved)
+
+    # ---- state that survives a crash --------------------------------------------------
+
+    def _restore(self, saved: Mapping[str, Any]) -> None:
+        self.max_event_ms = saved.get("max_event_ms")
+        self.promised_ms = saved.get("promised_ms")
+        self._base_wm = saved.get("base_wm")
+        for off, wm in saved.get("log", []):
+            self._log_offsets.append(off)
+            self._log_values.append(wm)
+        self._replay_until = saved.get("last_offset", -1)
+        self._final_wm = saved.get("closed_wm")
+        self.closed_wm = self._final_wm  # a window at or before it was emitted before the crash
+
+    def snapshot(self, min_held_offset: int | None) -> dict[str, Any]:
+        """The state to save durably after a batch; log entries below the oldest held message
+        are folded into a baseline (every window those messages touched is closed)."""
+        self._log(self.last_offset, self.closed_wm)
+        if min_held_offset is not None:
+            cut = bisect.bisect_left(self._log_offsets, min_held_offset)
+            if cut:
+                self._base_wm = self._log_values[cut - 1]
+                del self._log_offsets[:cut], self._log_values[:cut]
+        else:
+            self._base_wm = self.closed_wm
+            self._log_offsets.clear()
+            self._log_values.clear()
+        return {
+            "last_offset": self.last_offset,
+            "closed_wm": self.closed_wm,
+            "max_event_ms": self.max_event_ms,
+            "promised_ms": self.promised_ms,
+            "base_wm": self._base_wm,
+            "log": [[o, v] for o, v in zip(self._log_offsets, self._log_values, strict=True)],
+        }
+
+    def _log(self, offset: int, wm: int | None) -> None:
+        if offset < 0:
+            return
+        if self._log_offsets and self._log_offsets[-1] == offset:
+            self._log_values[-1] = wm
+        elif not self._log_values or self._log_values[-1] != wm:
+            self._log_offsets.append(offset)
+            self._log_values.append(wm)
+
+    def _closed_wm_before(self, offset: int) -> int | None:
+        i = bisect.bisect_left(self._log_offsets, offset)
+        return self._log_values[i - 1] if i else self._base_wm
+
+    # ---- processing -----------------------------------------------------------------
 
     @property
     def watermark_ms(self) -> int | None:
@@ -75,56 +158,96 @@ class PartitionWindows:
             candidates.append(self.promised_ms)
         return max(candidates) if candidates else None
 
-    def add(self, records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-        """Fold canonical usage records in; return those that arrived after their window closed."""
-        size = self.config.size_ms
-        late: list[Mapping[str, Any]] = []
-        closed_before = self.closed_before_ms
-        open_ = self.open
+    @property
+    def replaying(self) -> bool:
+        """True while re-reading input that was processed before a restart."""
+        return self.last_offset < self._replay_until
+
+    def add(
+        self, offset: int, records: Iterable[Mapping[str, Any]], watermark_ms: int | None = None
+    ) -> MessageOutcome:
+        """Fold one input message's canonical records in (offsets must increase)."""
+        replay = offset <= self._replay_until
+        closed = self._closed_wm_before(offset) if replay else self.closed_wm
+        final = self._final_wm if replay else None
+        out = MessageOutcome(late=[], release_at=0, replayed=replay)
+        sizes = self.config.sizes_ms
         for r in records:
             ts = r["event_time_ms"]
-            start = ts - ts % size
-            if closed_before is not None and start + size <= closed_before:
-                late.append(r)
-                tenant = r["tenant_id"]
-                self.late_counts[tenant] = self.late_counts.get(tenant, 0) + 1
-                self.late_total += 1
-                continue
-            key = (r["tenant_id"], start)
-            win = open_.get(key)
-            if win is None:
-                win = open_[key] = _Window()
-            metric = r["metric"]
-            state = win.metrics.get(metric)
-            if state is None:
-                state = win.metrics[metric] = new_state(self.config.aggregation(metric))
-            state.add(r["value"], ts, r["event_id"], r["resource_id"])
-            win.samples += 1
+            tenant = r["tenant_id"]
+            is_late = False
+            for size in sizes:
+                start = ts - ts % size
+                end = start + size
+                if closed is not None and end <= closed:
+                    # late for this size: the count rides on the first open window
+                    is_late = True
+                    carrier = closed - closed % size
+                    if final is not None and carrier + size <= final:
+                        continue  # counted in a window emitted before the crash
+                    self._window(size, tenant, carrier).late += 1
+                    out.release_at = max(out.release_at, carrier + size)
+                    continue
+                if final is not None and end <= final:
+                    continue  # already in a window emitted before the crash
+                win = self._window(size, tenant, start)
+                if r["event_id"] in win.seen:
+                    out.duplicates += 1
+                    continue
+                win.seen.add(r["event_id"])
+                metric = r["metric"]
+                state = win.metrics.get(metric)
+                if state is None:
+                    state = win.metrics[metric] = new_state(self.config.aggregation(metric))
+                state.add(r["value"], ts, r["event_id"], r["resource_id"])
+                win.samples += 1
+                out.release_at = max(out.release_at, end)
+            if is_late and not replay:
+                out.late.append(r)
             if self.max_event_ms is None or ts > self.max_event_ms:
                 self.max_event_ms = ts
-        return late
+        self.late_total += len(out.late)
+        self.duplicate_total += out.duplicates
+        if watermark_ms is not None and (self.promised_ms is None or watermark_ms > self.promised_ms):
+            self.promised_ms = watermark_ms
+        self.last_offset = max(self.last_offset, offset)
+        return out
 
     def promise(self, watermark_ms: int | None) -> None:
-        """Record a producer's or the idle clock's promise that earlier event times are done."""
+        """Record a promise (a producer's, or the idle clock's) that earlier event times are done."""
         if watermark_ms is not None and (self.promised_ms is None or watermark_ms > self.promised_ms):
             self.promised_ms = watermark_ms
 
+    def _window(self, size: int, tenant: str, start: int) -> _Window:
+        key = (size, tenant, start)
+        win = self.open.get(key)
+        if win is None:
+            win = self.open[key] = _Window()
+        return win
+
     def close_due(self) -> list[dict[str, Any]]:
-        """Close every window whose end is at or before the watermark; WindowResult dicts."""
-        wm = self.watermark_ms
-        if wm is None:
+        """Close every window whose end is at or before the watermark; WindowResult dicts.
+
+        While replaying input processed before a restart nothing closes: every window still
+        open then has an end after the saved ``closed_wm``, and those at or before it were
+        emitted already (the replay skips their samples).
+        """
+        if self._replay_until >= 0:
+            if self.last_offset < self._replay_until:
+                return []
+            self._replay_until = -1  # replay done: from here on, decide as a live run would
+            self._final_wm = None
+        target = self.watermark_ms
+        if target is None or (self.closed_wm is not None and target <= self.closed_wm):
             return []
-        size = self.config.size_ms
-        due = sorted((k for k in self.open if k[1] + size <= wm), key=lambda k: (k[1], k[0]))
-        results = [self._result(tenant, start, self.open.pop((tenant, start)))
-                   for tenant, start in due]
-        boundary = wm - wm % size  # windows ending at or before this are now closed
-        if self.closed_before_ms is None or boundary > self.closed_before_ms:
-            self.closed_before_ms = boundary
+        due = sorted(
+            (k for k in self.open if k[2] + k[0] <= target), key=lambda k: (k[2] + k[0], k[0], k[1])
+        )
+        results = [self._result(*key, self.open.pop(key)) for key in due]
+        self.closed_wm = target
         return results
 
-    def _result(self, tenant: str, start: int, win: _Window) -> dict[str, Any]:
-        size = self.config.size_ms
+    def _result(self, size: int, tenant: str, start: int, win: _Window) -> dict[str, Any]:
         raw_totals = {m: st.result() for m, st in win.metrics.items()}
         totals = [
             {
@@ -143,6 +266,6 @@ class PartitionWindows:
             "totals": totals,
             "sample_count": win.samples,
             "score": score(raw_totals, self.config.weights),
-            "late_samples": self.late_counts.pop(tenant, 0),
+            "late_samples": win.late,
             "has_gap": False,
         }

@@ -7,6 +7,7 @@ import faust
 from metering.config import Settings
 from streams.agents import WindowState, install_agents
 from streams.app import create_app
+from streams.tables import declare_tables
 from streams.topics import declare_topics
 
 __all__ = ["build_worker", "run_worker"]
@@ -16,7 +17,8 @@ def build_worker(settings: Settings, bootstrap_servers: str) -> tuple[faust.App,
     """The configured Faust app with every agent installed."""
     app = create_app(settings, bootstrap_servers)
     topics = declare_topics(app, settings)
-    state = install_agents(app, topics, settings)
+    tables = declare_tables(app, settings)
+    state = install_agents(app, topics, tables, settings)
     return app, state
 
 

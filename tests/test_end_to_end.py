@@ -8,6 +8,7 @@ test itself produced, with the formula written out longhand.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def e2e_settings(settings: Settings, clickhouse_server: ClickHouseServer) -> Set
     Client("127.0.0.1", port=clickhouse_server.tcp_port).execute(f"CREATE DATABASE {db}")
     return settings.model_copy(update={
         "clickhouse_url": f"clickhouse://default:@127.0.0.1:{clickhouse_server.tcp_port}/{db}",
-        "window_size_seconds": WINDOW_S,
+        "window_sizes_seconds": [WINDOW_S],
         "allowed_lateness_seconds": LATENESS_S,
         "sink_flush_seconds": 0.5,
     })
@@ -52,7 +53,7 @@ def worker_env(s: Settings) -> dict[str, str]:
         KAFKA_BOOTSTRAP_SERVERS=str(s.kafka_bootstrap_servers),
         TOPIC_PREFIX=s.topic_prefix,
         TOPIC_PARTITIONS=str(s.topic_partitions),
-        WINDOW_SIZE_SECONDS=str(s.window_size_seconds),
+        WINDOW_SIZES_SECONDS=json.dumps(s.window_sizes_seconds),
         ALLOWED_LATENESS_SECONDS=str(s.allowed_lateness_seconds),
         WORKER_DATADIR=s.worker_datadir,
         WORKER_WEB_PORT=str(free_port()),

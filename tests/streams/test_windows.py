@@ -21,15 +21,15 @@ def rec(tenant: str, metric: str, value: int | str, ts: int, resource: str = "vm
 
 
 def cfg(size: int = 60_000, lateness: int = 10_000) -> WindowConfig:
-    return WindowConfig(size_ms=size, lateness_ms=lateness, weights=DEFAULT_SCORE_WEIGHTS)
+    return WindowConfig(sizes_ms=(size,), lateness_ms=lateness, weights=DEFAULT_SCORE_WEIGHTS)
 
 
 def test_window_closes_only_when_watermark_passes_its_end() -> None:
     pw = PartitionWindows(cfg())
-    pw.add([rec("a", "cpu_time_nanos", 5, 1_000)])
-    pw.add([rec("a", "cpu_time_nanos", 7, 65_000)])  # watermark 55 s: window 0 still open
+    pw.add(1, [rec("a", "cpu_time_nanos", 5, 1_000)])
+    pw.add(2, [rec("a", "cpu_time_nanos", 7, 65_000)])  # watermark 55 s: window 0 still open
     assert pw.close_due() == []
-    pw.add([rec("a", "cpu_time_nanos", 1, 70_000)])  # watermark 60 s: window 0 closes
+    pw.add(3, [rec("a", "cpu_time_nanos", 1, 70_000)])  # watermark 60 s: window 0 closes
     (closed,) = pw.close_due()
     assert closed["window_id"] == "a|0|60000"
     assert closed["totals"] == [
@@ -39,12 +39,12 @@ def test_window_closes_only_when_watermark_passes_its_end() -> None:
 
 def test_out_of_order_within_lateness_is_counted_and_late_is_returned() -> None:
     pw = PartitionWindows(cfg())
-    pw.add([rec("a", "cpu_time_nanos", 1, 65_000), rec("a", "cpu_time_nanos", 2, 59_000)])
+    pw.add(4, [rec("a", "cpu_time_nanos", 1, 65_000), rec("a", "cpu_time_nanos", 2, 59_000)])
     assert pw.close_due() == []
-    pw.add([rec("a", "cpu_time_nanos", 3, 75_000)])
+    pw.add(5, [rec("a", "cpu_time_nanos", 3, 75_000)])
     (w0,) = pw.close_due()
     assert w0["totals"][0]["value"] == Decimal(2)
-    late = pw.add([rec("a", "cpu_time_nanos", 4, 30_000)])
+    late = pw.add(6, [rec("a", "cpu_time_nanos", 4, 30_000)]).late
     assert [r["value"] for r in late] == [Decimal(4)]
     assert pw.late_total == 1
     pw.promise(200_000)
@@ -65,7 +65,7 @@ def test_result_is_independent_of_arrival_order() -> None:
     results = []
     for order in (samples, list(reversed(samples))):
         pw = PartitionWindows(cfg())
-        pw.add(order)
+        pw.add(1, order)
         pw.promise(60_000)
         results.append(pw.close_due())
     assert results[0] == results[1]
@@ -79,7 +79,62 @@ def test_result_is_independent_of_arrival_order() -> None:
 
 def test_windows_of_tenants_close_in_deterministic_order() -> None:
     pw = PartitionWindows(cfg(size=10_000, lateness=0))
-    pw.add([rec("b", "x", 1, 1), rec("a", "x", 1, 2), rec("a", "x", 1, 10_001)])
+    pw.add(7, [rec("b", "x", 1, 1), rec("a", "x", 1, 2), rec("a", "x", 1, 10_001)])
     pw.promise(20_000)
     ids = [w["window_id"] for w in pw.close_due()]
     assert ids == ["a|0|10000", "b|0|10000", "a|10000|10000"]
+
+
+def test_duplicates_inside_a_window_count_once() -> None:
+    pw = PartitionWindows(cfg())
+    out = pw.add(1, [rec("a", "cpu_time_nanos", 5, 1_000, eid="x"),
+                     rec("a", "cpu_time_nanos", 5, 1_000, eid="x")])
+    assert out.duplicates == 1
+    pw.promise(60_000)
+    (w,) = pw.close_due()
+    assert w["sample_count"] == 1 and w["totals"][0]["value"] == Decimal(5)
+
+
+def test_several_window_sizes() -> None:
+    pw = PartitionWindows(WindowConfig(sizes_ms=(10_000, 60_000), lateness_ms=0,
+                                       weights=DEFAULT_SCORE_WEIGHTS))
+    pw.add(1, [rec("a", "x", 1, 1_000), rec("a", "x", 2, 15_000)])
+    pw.promise(60_000)
+    ids = sorted(w["window_id"] for w in pw.close_due())
+    assert ids == ["a|0|10000", "a|0|60000", "a|10000|10000"]
+
+
+def test_restart_from_snapshot_replays_without_double_emission() -> None:
+    """Crash after window 0 closed while window 1 is open: replay from the oldest held
+    message rebuilds window 1 exactly and does not emit window 0 again."""
+    msgs = [
+        (0, [rec("a", "x", 1, 1_000)]),
+        (1, [rec("a", "x", 2, 50_000), rec("a", "x", 3, 61_000)]),
+        (2, [rec("a", "x", 4, 75_000)]),  # watermark 65 s: window 0 closes
+        (3, [rec("a", "x", 5, 30_000), rec("a", "x", 6, 80_000)]),  # 30 s is late
+    ]
+    live = PartitionWindows(cfg())
+    emitted, snap, held = [], None, {}
+    for off, recs in msgs:
+        out = live.add(off, recs)
+        emitted += live.close_due()
+        held[off] = out.release_at
+        held = {o: r for o, r in held.items() if r > (live.closed_wm or -1)}
+        snap = live.snapshot(min(held, default=None))
+    assert [w["window_id"] for w in emitted] == ["a|0|60000"]
+    assert sorted(held) == [1, 2, 3]  # message 1 also feeds window 1
+
+    restored = PartitionWindows(cfg(), saved=snap)
+    again = []
+    for off, recs in msgs[min(held):]:
+        out = restored.add(off, recs)
+        assert out.late == []  # late samples were already sent before the crash
+        again += restored.close_due()
+    assert again == []
+    for pw in (live, restored):
+        pw.add(4, [rec("a", "x", 7, 200_000)])
+    (w1_live,) = [w for w in live.close_due() if w["window_start_ms"] == 60_000]
+    (w1_restored,) = [w for w in restored.close_due() if w["window_start_ms"] == 60_000]
+    assert w1_live == w1_restored
+    assert w1_live["totals"][0]["value"] == Decimal(3 + 4 + 6)
+    assert w1_live["late_samples"] == 1

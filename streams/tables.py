@@ -1,0 +1,30 @@
+"""Faust tables of the stream stage (changelog-backed, restored before agents run)."""
+
+from __future__ import annotations
+
+import faust
+
+from metering.config import Settings
+
+__all__ = ["declare_tables", "StreamTables"]
+
+
+class StreamTables:
+    """The tables the agents keep durable state in."""
+
+    def __init__(self, window_state: faust.Table) -> None:
+        self.window_state = window_state
+
+
+def declare_tables(app: faust.App, settings: Settings) -> StreamTables:
+    """Declare the tables; one key per input partition, written once per batch."""
+    window_state = app.Table(
+        "window-state",
+        default=None,
+        partitions=settings.topic_partitions,
+        key_type=str,
+        key_serializer="json",
+        value_serializer="json",
+        help="per input partition: the window close log (see streams/windows.py)",
+    )
+    return StreamTables(window_state)
