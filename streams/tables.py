@@ -22,9 +22,7 @@ def declare_tables(app: faust.App, settings: Settings) -> StreamTables:
         "window-state",
         default=None,
         partitions=settings.topic_partitions,
-        key_type=str,
-        key_serializer="json",
-        value_serializer="json",
+        schema=faust.Schema(key_serializer="json", value_serializer="json"),
         help="per input partition: the window close log (see streams/windows.py)",
     )
     return StreamTables(window_state)
