@@ -197,7 +197,8 @@ class BatchingSink(ABC):
             if err.code() != KafkaError._PARTITION_EOF:
                 log.warning("%s: consumer error: %s", self.name, err)
             return
-        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        # a message without an error always has these
+        topic, partition, offset = str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0)
         tp = (topic, partition)
         if self._oldest_pending is None:
             self._oldest_pending = time.monotonic()
@@ -220,9 +221,9 @@ class BatchingSink(ABC):
                   msg.offset(), reason)
         self._dead.append(
             encode_dead_letter(
-                topic=msg.topic(),
-                partition=msg.partition(),
-                offset=msg.offset(),
+                topic=str(msg.topic()),
+                partition=int(msg.partition() or 0),
+                offset=int(msg.offset() or 0),
                 stage=self.name,
                 reason=reason,
                 key=msg.key(),

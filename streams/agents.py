@@ -100,7 +100,7 @@ def install_agents(
         return await topic.send(key=key, value=value)
 
     @app.agent(topics.sources, name="normalize")
-    async def normalize(stream: faust.StreamT) -> None:
+    async def normalize(stream: Any) -> None:  # faust.Stream: StreamT lacks take_events
         async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
             pending: list[Awaitable[Any]] = []
             try:
@@ -162,7 +162,7 @@ def install_agents(
         state.held[part] = keep
 
     @app.agent(topics.records, name="windows")
-    async def windows(stream: faust.StreamT) -> None:
+    async def windows(stream: Any) -> None:
         async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
             pending: list[Awaitable[Any]] = []
             try:
@@ -207,7 +207,7 @@ def install_agents(
                     if part in state.partitions:
                         persist_and_release(part)
 
-    @app.on_partitions_revoked.connect
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         state.forget({tp.partition for tp in revoked if tp.topic == topics.records.get_topic_name()})
 

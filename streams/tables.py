@@ -12,7 +12,7 @@ __all__ = ["declare_tables", "StreamTables"]
 class StreamTables:
     """The tables the agents keep durable state in."""
 
-    def __init__(self, window_state: faust.Table) -> None:
+    def __init__(self, window_state: faust.types.TableT) -> None:
         self.window_state = window_state
 
 

@@ -109,10 +109,11 @@ def expected_windows(samples: list[dict]) -> dict[tuple[str, int], dict]:
 def test_vm_usage_end_to_end(
     e2e_settings: Settings, broker: TansuBroker, worker: subprocess.Popen[bytes]
 ) -> None:
-    from sinks.clickhouse import ClickHouseSink, backend_from_settings
     from sinks.receiver import ReceiverServer
     from sinks.signing import generate_secret
     from sinks.webhook import WebhookSink
+
+    from sinks.clickhouse import ClickHouseSink, backend_from_settings
 
     s = e2e_settings
     secret = generate_secret()

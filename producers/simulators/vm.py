@@ -80,7 +80,8 @@ class VmSimulator:
         held: list[dict[str, Any]] = []
         for i in range(ticks):
             batch = self.tick(start_ms + (i + 1) * self.interval_ms)
-            now, later = [], []
+            now: list[dict[str, Any]] = []
+            later: list[dict[str, Any]] = []
             for r in batch:
                 (later if disorder and self._rng.random() < disorder else now).append(r)
             yield now + held
