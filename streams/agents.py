@@ -25,6 +25,7 @@ import faust
 
 from metering.config import Settings
 from schemas import CodecError, encode_dead_letter, envelope_codec, window_codec
+from streams.dedup import EventIdFilter, saved_entries
 from streams.normalize import invalid_reason
 from streams.tables import StreamTables
 from streams.topics import StreamTopics
@@ -36,6 +37,16 @@ log = logging.getLogger(__name__)
 
 TAKE_MAX = 500
 TAKE_WITHIN = 0.2
+
+
+@dataclass
+class StreamStats:
+    """Counters of the stream stage (shown by the live views)."""
+
+    duplicates_dropped: int = 0
+
+
+stats = StreamStats()
 
 
 @dataclass
@@ -99,6 +110,40 @@ def install_agents(
     async def send(topic: faust.TopicT, key: bytes | None, value: bytes) -> Awaitable[Any]:
         return await topic.send(key=key, value=value)
 
+    dedup_table = tables.dedup
+    filters: dict[int, EventIdFilter] = {}
+    dedup_keys: dict[int, dict[int, list[str]]] = {}  # partition -> bucket -> table keys
+
+    def id_filter(part: int) -> EventIdFilter | None:
+        if not settings.dedup_horizon_seconds:
+            return None
+        f = filters.get(part)
+        if f is None:
+            f = filters[part] = EventIdFilter(settings.dedup_horizon_seconds * 1000)
+            keys = dedup_keys[part] = {}
+            for key, bucket, ids in saved_entries(dedup_table.data, part):
+                f.load(bucket, ids)
+                keys.setdefault(bucket, []).append(key)
+        return f
+
+    def save_ids(part: int, batch_tag: int) -> None:
+        # only after the batch's output was acknowledged: a crash before this re-publishes
+        # (a duplicate, dropped again downstream), a crash after it cannot lose anything
+        f = filters.get(part)
+        if f is None:
+            return
+        keys = dedup_keys[part]
+        for n, (bucket, ids) in enumerate(f.drain()):
+            key = f"p{part}:{bucket}:{batch_tag}:{n}"
+            value = {"bucket": bucket, "ids": [format(d, "016x") for d in ids]}
+            dedup_table.data[key] = value
+            dedup_table.send_changelog(part, key, value, key_serializer="json", value_serializer="json")
+            keys.setdefault(bucket, []).append(key)
+        for bucket in f.expire():
+            for key in keys.pop(bucket, []):
+                dedup_table.data.pop(key, None)
+                dedup_table.send_changelog(part, key, None, key_serializer="json", value_serializer="json")
+
     @app.agent(topics.sources, name="normalize")
     async def normalize(stream: Any) -> None:  # faust.Stream: StreamT lacks take_events
         async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
@@ -106,17 +151,25 @@ def install_agents(
             try:
                 by_tenant: dict[str, list[dict[str, Any]]] = defaultdict(list)
                 watermarks: list[int] = []
+                touched: dict[int, int] = {}  # partition -> first offset in this batch
                 for ev in events:
+                    part = ev.message.partition
+                    touched.setdefault(part, ev.message.offset)
                     try:
                         env = env_codec.decode(ev.message.value or b"")
                     except CodecError as exc:
                         pending.append(await send(topics.dlq, None, _dead(ev, "normalize", str(exc))))
                         continue
+                    ids = id_filter(part)
+                    sent_at = env["sent_at_ms"]
                     for i, rec in enumerate(env["records"]):
-                        reason = invalid_reason(rec, env["sent_at_ms"])
+                        reason = invalid_reason(rec, sent_at)
                         if reason is not None:
                             pending.append(await send(topics.dlq, None, _dead(
                                 ev, "normalize", f"record {i} ({rec.get('event_id')}): {reason}")))
+                            continue
+                        if ids is not None and not ids.check_and_add(rec["event_id"], sent_at):
+                            stats.duplicates_dropped += 1
                             continue
                         by_tenant[rec["tenant_id"]].append(rec)
                     if env["watermark_ms"] is not None:
@@ -139,6 +192,8 @@ def install_agents(
                     for p in range(settings.topic_partitions):
                         pending.append(await topics.records.send(value=mark, partition=p))
                 await settle(pending)
+                for part, first_offset in touched.items():
+                    save_ids(part, first_offset)
             except Exception:  # never let Faust ack-and-skip silently
                 log.exception("normalize: batch of %d failed; dead-lettering it", len(events))
                 await _dead_letter_all(topics, events, "normalize")
@@ -210,6 +265,10 @@ def install_agents(
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         state.forget({tp.partition for tp in revoked if tp.topic == topics.records.get_topic_name()})
+        sources = set(topics.sources.topics)
+        for p in {tp.partition for tp in revoked if tp.topic in sources}:
+            filters.pop(p, None)
+            dedup_keys.pop(p, None)
 
     del normalize, windows, close_idle_windows, on_revoked  # registered on the app
     return state
