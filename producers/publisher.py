@@ -6,6 +6,7 @@ so idempotence, acks=all and batching are set in one place.
 
 from __future__ import annotations
 
+import decimal
 import time
 import uuid
 from collections import defaultdict
@@ -19,6 +20,9 @@ from producers.errors import PublishError
 from schemas import DECIMAL_QUANTUM, envelope_codec
 
 __all__ = ["EnvelopePublisher", "usage_record"]
+
+# decimal(38, 9) needs 38 digits; the default context has 28
+_CTX = decimal.Context(prec=40)
 
 
 def usage_record(
@@ -39,7 +43,7 @@ def usage_record(
         "source": source,
         "resource_id": resource_id,
         "metric": metric,
-        "value": Decimal(value).quantize(DECIMAL_QUANTUM),
+        "value": Decimal(value).quantize(DECIMAL_QUANTUM, context=_CTX),
         "event_time_ms": int(event_time_ms),
         "metadata": dict(metadata or {}),
     }

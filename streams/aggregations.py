@@ -49,7 +49,7 @@ class MetricState:
         self.samples += 1
         kind = self.kind
         if kind == "sum":
-            self.total += value
+            self.total = _CTX.add(self.total, value)
         elif kind == "max":
             if self.maximum is None or value > self.maximum:
                 self.maximum = value
@@ -64,7 +64,7 @@ class MetricState:
             if acc is None:
                 self.per_resource[resource_id] = [value, 1]
             else:
-                acc[0] += value
+                acc[0] = _CTX.add(acc[0], value)
                 acc[1] += 1
 
     def result(self) -> Decimal:
@@ -82,7 +82,10 @@ class MetricState:
             return Decimal(len(self.distinct))
         # resource_mean: each resource's mean sample, summed over resources — a tenant's
         # average footprint of a gauge (memory) during the window
-        return sum((_CTX.divide(s, n) for s, n in self.per_resource.values()), _ZERO)
+        total = _ZERO
+        for s, n in self.per_resource.values():
+            total = _CTX.add(total, _CTX.divide(s, n))
+        return total
 
 
 def new_state(kind: str) -> MetricState:

@@ -34,6 +34,8 @@ def score(totals: Mapping[str, Decimal], weights: Mapping[str, Decimal]) -> Deci
         weight = weights.get(term)
         if not weight:
             continue
-        amount = sum((totals.get(m, Decimal(0)) for m in metrics), Decimal(0))
+        amount = Decimal(0)
+        for m in metrics:
+            amount = _CTX.add(amount, totals.get(m, Decimal(0)))
         result = _CTX.add(result, _CTX.multiply(_CTX.divide(amount, divisor), weight))
     return result.quantize(DECIMAL_QUANTUM, context=_CTX)

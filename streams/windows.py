@@ -25,6 +25,7 @@ at the crash are rebuilt from all their contributors, and late decisions are unc
 from __future__ import annotations
 
 import bisect
+import decimal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -35,6 +36,8 @@ from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS, MetricState, new_s
 from streams.scoring import score
 
 __all__ = ["MessageOutcome", "PartitionWindows", "WindowConfig", "window_id"]
+
+_CTX = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN)
 
 
 @dataclass(frozen=True)
@@ -253,7 +256,7 @@ class PartitionWindows:
             {
                 "metric": m,
                 "aggregation": win.metrics[m].kind,
-                "value": raw_totals[m].quantize(DECIMAL_QUANTUM),
+                "value": raw_totals[m].quantize(DECIMAL_QUANTUM, context=_CTX),
                 "samples": win.metrics[m].samples,
             }
             for m in sorted(win.metrics)

@@ -186,3 +186,4 @@ def test_vm_usage_end_to_end(
         for t in threads:
             t.join(timeout=20)
         receiver.stop()
+        backend.close()
