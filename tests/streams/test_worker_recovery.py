@@ -61,8 +61,10 @@ def produce(s: Settings, pause: float = 0.0) -> int:
     return n
 
 
-def windows(s: Settings, expect: int | None = None, timeout: float = 90) -> dict[str, Any]:
-    """Read usage.windows; every window id must always carry the same result."""
+def windows(s: Settings, expect: int | None = None, timeout: float = 90,
+            settle: float = 3.0) -> dict[str, Any]:
+    """Read usage.windows until ``expect`` ids were seen and nothing new came for ``settle``
+    seconds; every window id must always carry the same result."""
     c = Consumer({"bootstrap.servers": s.kafka_bootstrap_servers, "group.id": "reader",
                   "enable.auto.commit": False})
     name = s.topic(topics.WINDOWS)
@@ -81,7 +83,7 @@ def windows(s: Settings, expect: int | None = None, timeout: float = 90) -> dict
                 w = window_codec().decode(m.value())
                 prev = out.setdefault(w["window_id"], w)
                 assert prev == w, f"window {w['window_id']} emitted with two different results"
-            if expect is not None and len(out) >= expect and time.monotonic() - idle_since > 3:
+            if expect is not None and len(out) >= expect and time.monotonic() - idle_since >= settle:
                 break
             if expect is None and out and time.monotonic() - idle_since > 8:
                 break
@@ -108,13 +110,13 @@ def test_sigkill_and_restart_gives_the_uninterrupted_windows(
         broker: TansuBroker, baseline: dict[str, Any], tmp_path: Path) -> None:
     s = make_settings(broker, "kill.")
     w = WorkerProcess(s, tmp_path).start()
-    feeder = threading.Thread(target=produce, args=(s, 0.15))
+    feeder = threading.Thread(target=produce, args=(s, 0.4))
     feeder.start()
-    # kill once some windows are out and input is still arriving
-    seen = windows(s, expect=len(baseline) // 3, timeout=60)
-    assert seen, "no window before the kill"
+    # kill as soon as a third of the windows are out, while input is still arriving
+    seen = windows(s, expect=len(baseline) // 3, timeout=60, settle=0)
+    assert feeder.is_alive(), "input finished before the kill: the test would prove nothing"
     w.kill()
-    time.sleep(1)
+    assert len(seen) < len(baseline)
     w.start()
     feeder.join()
     try:
@@ -122,6 +124,7 @@ def test_sigkill_and_restart_gives_the_uninterrupted_windows(
     finally:
         w.stop()
     assert result == baseline
+    assert w.log_path.read_text().count("Worker ready") >= 2  # the restarted worker did the rest
 
 
 def test_two_workers_in_one_group_give_one_workers_windows(
