@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     idle_close_seconds: float = Field(
         default=30.0, gt=0, description="Advance an idle partition's watermark by wall clock."
     )
+    vm_heartbeat_timeout_seconds: int = Field(
+        default=60, ge=0, description="A VM silent in heartbeats this long marks a window as gapped."
+    )
     dedup_horizon_seconds: int = Field(
         default=86_400, ge=0, description="Drop a repeated event_id seen within this long; 0 disables."
     )

@@ -99,6 +99,7 @@ def install_agents(
             sizes_ms=tuple(x * 1000 for x in settings.window_sizes_seconds),
             lateness_ms=settings.allowed_lateness_seconds * 1000,
             weights=settings.score_weights,
+            heartbeat_timeout_ms=settings.vm_heartbeat_timeout_seconds * 1000,
         )
     )
 

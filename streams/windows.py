@@ -51,6 +51,9 @@ class WindowConfig:
         default_factory=lambda: dict(DEFAULT_METRIC_AGGREGATIONS)
     )
     default_aggregation: str = "sum"
+    #: a VM of a tenant that sends heartbeats, silent for longer than this inside a window,
+    #: marks the window as having a gap; 0 disables
+    heartbeat_timeout_ms: int = 0
 
     def aggregation(self, metric: str) -> str:
         """The aggregation declared for a metric (``sum`` when none is)."""
@@ -68,6 +71,13 @@ class _Window:
     seen: set[str] = field(default_factory=set)
     samples: int = 0
     late: int = 0
+    resources: set[str] = field(default_factory=set)  # VMs with usage in the window
+    alive: dict[str, list[int]] = field(default_factory=dict)  # VM -> heartbeat/start times
+    stopped: dict[str, int] = field(default_factory=dict)  # VM -> stop time
+
+
+#: lifecycle records published by the VM gateway (producers/vm_gateway.py)
+HEARTBEAT, STARTED, STOPPED, POSSIBLE_GAP = "vm_heartbeat", "vm_started", "vm_stopped", "vm_possible_gap"
 
 
 @dataclass(slots=True)
@@ -92,6 +102,8 @@ class PartitionWindows:
         self.last_offset = -1
         self.late_total = 0
         self.duplicate_total = 0
+        # NotifyPossibleGap ranges per tenant, until every window they overlap has closed
+        self.gaps: dict[str, list[tuple[int, int]]] = {}
         # the durable close log: closed_wm after processing each logged offset
         self._log_offsets: list[int] = []
         self._log_values: list[int | None] = []
@@ -205,6 +217,19 @@ class PartitionWindows:
                 state.add(r["value"], ts, r["event_id"], r["resource_id"])
                 win.samples += 1
                 out.release_at = max(out.release_at, end)
+                if metric == HEARTBEAT or metric == STARTED:
+                    win.alive.setdefault(r["resource_id"], []).append(ts)
+                elif metric == STOPPED:
+                    win.stopped[r["resource_id"]] = ts
+                elif metric == POSSIBLE_GAP:
+                    pass
+                elif r.get("source") in (None, "vm"):
+                    win.resources.add(r["resource_id"])
+            if r["metric"] == POSSIBLE_GAP:
+                resume = int((r.get("metadata") or {}).get("resume_time_ms", ts))
+                self.gaps.setdefault(tenant, []).append((ts, max(ts, resume)))
+                top = max(sizes)
+                out.release_at = max(out.release_at, resume - resume % top + top)
             if is_late and not replay:
                 out.late.append(r)
             if self.max_event_ms is None or ts > self.max_event_ms:
@@ -248,7 +273,28 @@ class PartitionWindows:
         )
         results = [self._result(*key, self.open.pop(key)) for key in due]
         self.closed_wm = target
+        for tenant in list(self.gaps):
+            # a gap range is kept while some window it overlaps may still be open
+            left = [g for g in self.gaps[tenant] if g[1] >= target - max(self.config.sizes_ms)]
+            if left:
+                self.gaps[tenant] = left
+            else:
+                del self.gaps[tenant]
         return results
+
+    def _has_gap(self, tenant: str, start: int, end: int, win: _Window) -> bool:
+        if any(lo < end and hi >= start for lo, hi in self.gaps.get(tenant, ())):
+            return True
+        timeout = self.config.heartbeat_timeout_ms
+        if not timeout or not win.alive:
+            return False  # this tenant's VMs send no heartbeats: nothing to judge by
+        for vm in win.resources | set(win.alive):
+            beats = sorted(win.alive.get(vm, ()))
+            hi = min(end, win.stopped.get(vm, end))
+            points = [start, *beats, hi] if not beats or beats[0] > start else [*beats, hi]
+            if any(b - a > timeout for a, b in zip(points, points[1:], strict=False)):
+                return True
+        return False
 
     def _result(self, size: int, tenant: str, start: int, win: _Window) -> dict[str, Any]:
         raw_totals = {m: st.result() for m, st in win.metrics.items()}
@@ -270,5 +316,5 @@ class PartitionWindows:
             "sample_count": win.samples,
             "score": score(raw_totals, self.config.weights),
             "late_samples": win.late,
-            "has_gap": False,
+            "has_gap": self._has_gap(tenant, start, start + size, win),
         }

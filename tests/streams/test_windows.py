@@ -138,3 +138,47 @@ def test_restart_from_snapshot_replays_without_double_emission() -> None:
     assert w1_live == w1_restored
     assert w1_live["totals"][0]["value"] == Decimal(3 + 4 + 6)
     assert w1_live["late_samples"] == 1
+
+
+def life(tenant: str, metric: str, ts: int, vm: str = "vm-1", **meta: str) -> dict:
+    r = rec(tenant, metric, 1, ts, vm)
+    r["metadata"] = meta
+    r["source"] = "vm"
+    return r
+
+
+def gap_config() -> WindowConfig:
+    return WindowConfig(sizes_ms=(60_000,), lateness_ms=0, weights=DEFAULT_SCORE_WEIGHTS,
+                        heartbeat_timeout_ms=20_000)
+
+
+def closed_flags(pw: PartitionWindows) -> dict[str, bool]:
+    pw.promise(10**12)
+    return {w["window_id"]: w["has_gap"] for w in pw.close_due()}
+
+
+def test_possible_gap_notice_flags_every_window_it_overlaps() -> None:
+    pw = PartitionWindows(gap_config())
+    pw.add(1, [rec("a", "cpu_time_nanos", 1, 5_000), rec("a", "cpu_time_nanos", 1, 65_000),
+               rec("a", "cpu_time_nanos", 1, 125_000), rec("b", "cpu_time_nanos", 1, 65_000)])
+    pw.add(2, [life("a", "vm_possible_gap", 50_000, resume_time_ms="70000")])
+    assert closed_flags(pw) == {"a|0|60000": True, "a|60000|60000": True,
+                                "a|120000|60000": False, "b|60000|60000": False}
+
+
+def test_missing_heartbeats_flag_a_gap_only_where_heartbeats_are_used() -> None:
+    pw = PartitionWindows(gap_config())
+    beats = [life("a", "vm_heartbeat", t) for t in (0, 15_000, 30_000, 45_000)]
+    # window 0: steady heartbeats; window 1: heartbeats stop at 70 s, usage continues
+    pw.add(1, [*beats, rec("a", "cpu_time_nanos", 1, 10_000, "vm-1"),
+               life("a", "vm_heartbeat", 60_000), life("a", "vm_heartbeat", 70_000),
+               rec("a", "cpu_time_nanos", 1, 100_000, "vm-1"),
+               rec("b", "cpu_time_nanos", 1, 10_000, "vm-9")])  # b sends no heartbeats
+    assert closed_flags(pw) == {"a|0|60000": False, "a|60000|60000": True, "b|0|60000": False}
+
+
+def test_a_stopped_vm_needs_no_heartbeats_after_its_stop() -> None:
+    pw = PartitionWindows(gap_config())
+    pw.add(1, [life("a", "vm_heartbeat", 0), life("a", "vm_heartbeat", 15_000),
+               life("a", "vm_stopped", 20_000), rec("a", "cpu_time_nanos", 1, 10_000)])
+    assert closed_flags(pw) == {"a|0|60000": False}
