@@ -39,7 +39,7 @@ demo: $(STAMP)
 	$(BIN)/metering demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check metering producers streams sinks schemas tests bench
+	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
