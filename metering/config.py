@@ -6,6 +6,7 @@ A wrong value fails fast with a :class:`ConfigError` naming the setting.
 
 from __future__ import annotations
 
+import base64
 import os
 import tomllib
 from decimal import Decimal
@@ -90,8 +91,15 @@ class Settings(BaseSettings):
     @field_validator("webhook_secret")
     @classmethod
     def _whsec(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith("whsec_"):
-            raise ValueError("must start with 'whsec_' (Standard Webhooks secret format)")
+        if v is not None:
+            if not v.startswith("whsec_"):
+                raise ValueError("must start with 'whsec_' (Standard Webhooks secret format)")
+            try:
+                key = base64.b64decode(v[6:], validate=True)
+            except ValueError as exc:
+                raise ValueError("the part after 'whsec_' must be base64") from exc
+            if not key:
+                raise ValueError("the key after 'whsec_' is empty")
         return v
 
     def topic(self, name: str) -> str:

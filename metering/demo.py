@@ -43,13 +43,12 @@ def _worker_env(settings: Settings, bootstrap: str, datadir: Path) -> dict[str, 
 
 def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int = 5) -> None:
     """Run the pipeline end to end and print per-tenant window totals and scores."""
-    from sinks.receiver import ReceiverServer
-    from sinks.signing import generate_secret
-    from sinks.webhook import WebhookSink
-
     from producers import EnvelopePublisher
     from producers.simulators import VmSimulator
     from sinks.clickhouse import ClickHouseSink, backend_from_settings
+    from sinks.receiver import ReceiverServer
+    from sinks.signing import generate_secret
+    from sinks.webhook import WebhookSink
 
     root = Path(".demo")
     shutil.rmtree(root, ignore_errors=True)  # each demo run starts from empty state

@@ -2,6 +2,7 @@
 
 from sinks.base import Batch, BatchingSink, SinkRecord, SinkStats
 from sinks.errors import BackpressureError, SinkError, SinkUnavailableError
+from sinks.webhook import WebhookSink
 
 __all__ = [
     "BackpressureError",
@@ -11,4 +12,5 @@ __all__ = [
     "SinkRecord",
     "SinkStats",
     "SinkUnavailableError",
+    "WebhookSink",
 ]

@@ -9,6 +9,9 @@ Flush order, always:
   2. commit the consumed offsets (synchronously);
   3. side effects: ``after_commit(batches)``.
 
+``write`` blocks the poll loop, so one batch must finish within librdkafka's
+``max.poll.interval.ms`` (300 s unless a sink raises it).
+
 A crash between 1 and 2 re-delivers the batch, so ``write`` must be idempotent (the
 ClickHouse sink resumes from the offsets it stored; the webhook sink reuses message ids).
 Overload is signalled with :class:`BackpressureError`: the base pauses the partitions, keeps
@@ -109,6 +112,7 @@ class BatchingSink(ABC):
         self._retry_at: float | None = None
         self._paused: list[TopicPartition] = []
         self._stop = threading.Event()
+        self._last_activity = time.monotonic()
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
@@ -147,6 +151,11 @@ class BatchingSink(ABC):
         """Ask :meth:`run` to flush what it can and return."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> threading.Event:
+        """Set once :meth:`stop` was called; long waits in ``write`` should wait on it."""
+        return self._stop
+
     def run(self, *, idle_exit_seconds: float | None = None) -> None:
         """Consume and flush until :meth:`stop`, or until idle this long with nothing pending."""
         self.consumer.subscribe(
@@ -171,7 +180,8 @@ class BatchingSink(ABC):
                     idle_exit_seconds is not None
                     and not self._pending
                     and not self._dead
-                    and time.monotonic() - last_message > idle_exit_seconds
+                    # a group join is not idleness: count from the last assignment too
+                    and time.monotonic() - max(last_message, self._last_activity) > idle_exit_seconds
                 ):
                     break
             if self._retry_at is None:
@@ -298,6 +308,7 @@ class BatchingSink(ABC):
             self._paused = []
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._last_activity = time.monotonic()
         try:
             start = self.resume_offsets([(tp.topic, tp.partition) for tp in partitions])
         except SinkError as exc:

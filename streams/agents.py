@@ -25,7 +25,7 @@ import faust
 
 from metering.config import Settings
 from schemas import CodecError, encode_dead_letter, envelope_codec, window_codec
-from streams.dedup import EventIdFilter, saved_entries
+from streams.dedup import EventIdFilter, TableBackedFilters
 from streams.normalize import invalid_reason
 from streams.tables import StreamTables
 from streams.topics import StreamTopics
@@ -63,11 +63,13 @@ class WindowState:
     held: dict[int, list[tuple[int, int, Any]]] = field(default_factory=dict)
     last_seen: dict[int, float] = field(default_factory=dict)
 
-    def of(self, partition: int, saved: Any) -> PartitionWindows:
+    def of(self, partition: int, saved: Any, ids: EventIdFilter | None = None) -> PartitionWindows:
         """The windows of one input partition, restored from ``saved`` on first use."""
         pw = self.partitions.get(partition)
         if pw is None:
-            pw = self.partitions[partition] = PartitionWindows(self.config, saved)
+            log.info("windows: partition %d starts from %s", partition,
+                     {k: v for k, v in (saved or {}).items() if k != "log"} or "nothing")
+            pw = self.partitions[partition] = PartitionWindows(self.config, saved, ids)
             self.held[partition] = []
         self.last_seen[partition] = time.monotonic()
         return pw
@@ -112,57 +114,42 @@ def install_agents(
         return await topic.send(key=key, value=value)
 
     dedup_table = tables.dedup
-    filters: dict[int, EventIdFilter] = {}
-    dedup_keys: dict[int, dict[int, list[str]]] = {}  # partition -> bucket -> table keys
+
+    def send_dedup(part: int, key: str, value: Any) -> None:
+        dedup_table.send_changelog(part, key, value, key_serializer="json", value_serializer="json")
+
+    # normalizer: repeated event ids within the dedup horizon (producer retries)
+    source_ids = TableBackedFilters(
+        dedup_table.data, send_dedup, "p", settings.dedup_horizon_seconds * 1000)
+    # window stage: exact per input offset, so copies re-published by a restarted
+    # normalizer are dropped, never counted as late; short horizon (a few windows)
+    largest = max(settings.window_sizes_seconds) * 1000
+    window_ids = TableBackedFilters(
+        dedup_table.data, send_dedup, "w",
+        2 * largest + settings.allowed_lateness_seconds * 1000 + 600_000,
+        bucket_ms=max(60_000, largest // 6))
 
     def id_filter(part: int) -> EventIdFilter | None:
-        if not settings.dedup_horizon_seconds:
-            return None
-        f = filters.get(part)
-        if f is None:
-            f = filters[part] = EventIdFilter(settings.dedup_horizon_seconds * 1000)
-            keys = dedup_keys[part] = {}
-            for key, bucket, ids in saved_entries(dedup_table.data, part):
-                f.load(bucket, ids)
-                keys.setdefault(bucket, []).append(key)
-        return f
-
-    def save_ids(part: int, batch_tag: int) -> None:
-        # only after the batch's output was acknowledged: a crash before this re-publishes
-        # (a duplicate, dropped again downstream), a crash after it cannot lose anything
-        f = filters.get(part)
-        if f is None:
-            return
-        keys = dedup_keys[part]
-        for n, (bucket, ids) in enumerate(f.drain()):
-            key = f"p{part}:{bucket}:{batch_tag}:{n}"
-            value = {"bucket": bucket, "ids": [format(d, "016x") for d in ids]}
-            dedup_table.data[key] = value
-            dedup_table.send_changelog(part, key, value, key_serializer="json", value_serializer="json")
-            keys.setdefault(bucket, []).append(key)
-        for bucket in f.expire():
-            for key in keys.pop(bucket, []):
-                dedup_table.data.pop(key, None)
-                dedup_table.send_changelog(part, key, None, key_serializer="json", value_serializer="json")
+        return source_ids.get(part) if settings.dedup_horizon_seconds else None
 
     @app.agent(topics.sources, name="normalize")
     async def normalize(stream: Any) -> None:  # faust.Stream: StreamT lacks take_events
         async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
             pending: list[Awaitable[Any]] = []
             try:
-                by_tenant: dict[str, list[dict[str, Any]]] = defaultdict(list)
-                watermarks: list[int] = []
                 touched: dict[int, int] = {}  # partition -> first offset in this batch
                 for ev in events:
-                    part = ev.message.partition
-                    touched.setdefault(part, ev.message.offset)
+                    msg = ev.message
+                    part = msg.partition
+                    touched.setdefault(part, msg.offset)
                     try:
-                        env = env_codec.decode(ev.message.value or b"")
+                        env = env_codec.decode(msg.value or b"")
                     except CodecError as exc:
                         pending.append(await send(topics.dlq, None, _dead(ev, "normalize", str(exc))))
                         continue
                     ids = id_filter(part)
                     sent_at = env["sent_at_ms"]
+                    by_tenant: dict[str, list[dict[str, Any]]] = {}
                     for i, rec in enumerate(env["records"]):
                         reason = invalid_reason(rec, sent_at)
                         if reason is not None:
@@ -172,29 +159,31 @@ def install_agents(
                         if ids is not None and not ids.check_and_add(rec["event_id"], sent_at):
                             stats.duplicates_dropped += 1
                             continue
-                        by_tenant[rec["tenant_id"]].append(rec)
+                        by_tenant.setdefault(rec["tenant_id"], []).append(rec)
+                    # one output per input message and tenant, in input order: the window
+                    # stage's lateness depends on message order, so normalizing a backlog
+                    # must not reorder what the live run would have seen
+                    origin = f"{msg.topic}:{part}"
+                    for tenant, recs in by_tenant.items():
+                        out = env_codec.encode({
+                            "envelope_id": f"{origin}:{msg.offset}:{tenant}", "source": env["source"],
+                            "producer": origin, "sent_at_ms": sent_at, "watermark_ms": None,
+                            "records": recs,
+                        })
+                        pending.append(await send(topics.records, tenant.encode(), out))
                     if env["watermark_ms"] is not None:
-                        watermarks.append(env["watermark_ms"])
-                now_ms = int(time.time() * 1000)
-                for tenant, recs in by_tenant.items():
-                    out = env_codec.encode({
-                        "envelope_id": uuid.uuid4().hex, "source": "normalized",
-                        "producer": "normalize", "sent_at_ms": now_ms, "watermark_ms": None,
-                        "records": recs,
-                    })
-                    pending.append(await send(topics.records, tenant.encode(), out))
-                if watermarks:
-                    # a producer's promise must reach every windowing partition
-                    mark = env_codec.encode({
-                        "envelope_id": uuid.uuid4().hex, "source": "normalized",
-                        "producer": "normalize", "sent_at_ms": now_ms,
-                        "watermark_ms": max(watermarks), "records": [],
-                    })
-                    for p in range(settings.topic_partitions):
-                        pending.append(await topics.records.send(value=mark, partition=p))
+                        # a producer's promise about its partition goes to the same partition
+                        # number of usage.records (tenant keys hash alike on both)
+                        mark = env_codec.encode({
+                            "envelope_id": f"{origin}:{msg.offset}:watermark", "source": env["source"],
+                            "producer": origin, "sent_at_ms": sent_at,
+                            "watermark_ms": env["watermark_ms"], "records": [],
+                        })
+                        pending.append(await topics.records.send(value=mark, partition=part))
                 await settle(pending)
                 for part, first_offset in touched.items():
-                    save_ids(part, first_offset)
+                    # only now: a crash before this re-publishes (dropped again later)
+                    source_ids.save(part, first_offset)
             except Exception:  # never let Faust ack-and-skip silently
                 log.exception("normalize: batch of %d failed; dead-lettering it", len(events))
                 await _dead_letter_all(topics, events, "normalize")
@@ -210,6 +199,7 @@ def install_agents(
         free = [h for h in held if not (closed is None or h[1] > closed)]
         min_held = min((h[0] for h in keep), default=None)
         snap = pw.snapshot(min_held)
+        window_ids.save(part, pw.last_offset)
         key = f"p{part}"
         table.data[key] = snap
         table.send_changelog(part, key, snap, key_serializer="json", value_serializer="json")
@@ -226,7 +216,14 @@ def install_agents(
                 for ev in events:
                     msg = ev.message
                     part = msg.partition
-                    pw = state.of(part, table.data.get(f"p{part}"))
+                    pw = state.of(part, table.data.get(f"p{part}"), window_ids.get(part))
+                    if msg.offset <= pw.last_offset:
+                        # the consumer was rewound (a rebalance seeks to the committed offset):
+                        # start over from the saved state, as a restarted worker would
+                        log.info("windows: %s[%d] rewound to %d; replaying from saved state",
+                                 msg.topic, part, msg.offset)
+                        state.forget([part])
+                        pw = state.of(part, table.data.get(f"p{part}"), window_ids.get(part))
                     touched.add(part)
                     try:
                         env = env_codec.decode(msg.value or b"")
@@ -235,12 +232,15 @@ def install_agents(
                         continue
                     outcome = pw.add(msg.offset, env["records"], env["watermark_ms"])
                     if outcome.late:
+                        log.info("windows: %d late samples in %s[%d]@%d (closed_wm %s, replay %s, "
+                                 "last %s)", len(outcome.late), msg.topic, part, msg.offset,
+                                 pw.closed_wm, outcome.replayed, pw.last_offset)
                         pending.extend(await _send_late(topics, env_codec, outcome.late))
+                    # close after every message: lateness must not depend on batching
+                    pending.extend(await _emit(topics, win_codec, pw))
                     if pw.closed_wm is None or outcome.release_at > pw.closed_wm:
                         msg.incref()  # held until its windows close (see WindowState)
                         state.held[part].append((msg.offset, outcome.release_at, msg))
-                for part in touched:
-                    pending.extend(await _emit(topics, win_codec, state.partitions[part]))
                 await settle(pending)
                 for part in touched:
                     persist_and_release(part)
@@ -263,15 +263,21 @@ def install_agents(
                     if part in state.partitions:
                         persist_and_release(part)
 
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
+        # Faust seeks assigned partitions to their committed offsets: rebuild from saved state
+        state.forget({tp.partition for tp in assigned if tp.topic == topics.records.get_topic_name()})
+
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
         state.forget({tp.partition for tp in revoked if tp.topic == topics.records.get_topic_name()})
         sources = set(topics.sources.topics)
         for p in {tp.partition for tp in revoked if tp.topic in sources}:
-            filters.pop(p, None)
-            dedup_keys.pop(p, None)
+            source_ids.forget(p)
+        for p in {tp.partition for tp in revoked if tp.topic == topics.records.get_topic_name()}:
+            window_ids.forget(p)
 
-    del normalize, windows, close_idle_windows, on_revoked  # registered on the app
+    del normalize, windows, close_idle_windows, on_revoked, on_assigned  # registered on the app
     return state
 
 

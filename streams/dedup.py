@@ -5,6 +5,11 @@ batch identity), so the normalizer drops an event_id it has already passed on. I
 as 8-byte BLAKE2b digests in hourly buckets of the envelope's ``sent_at_ms`` (deterministic
 on replay, unlike the wall clock); a bucket older than the horizon is forgotten whole.
 
+Replays. A filter used on one ordered input (the window stage reads one partition of
+``usage.records``) remembers the input offset that first passed each id; when the same
+offset comes again after a restart, the id is "ours", not a duplicate, so the replay counts
+exactly what the live run counted while a re-published copy (a later offset) is dropped.
+
 Durability: after the batch's output is acknowledged, the ids it added are written to a
 changelog-backed table (one entry per partition, bucket and batch, in chunks), so a restarted
 worker forgets nothing it had passed on. A crash before that write re-publishes the batch:
@@ -14,10 +19,10 @@ a duplicate downstream, never a loss; the window stage also drops duplicates per
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
 
-__all__ = ["EventIdFilter", "digest", "saved_entries"]
+__all__ = ["EventIdFilter", "TableBackedFilters", "digest", "saved_entries"]
 
 _BUCKET_MS = 3_600_000
 
@@ -34,41 +39,56 @@ class EventIdFilter:
         self.horizon_ms = horizon_ms
         self.bucket_ms = bucket_ms
         self._bucket_of: dict[int, int] = {}
+        self._first_offset: dict[int, int] = {}
         self._buckets: dict[int, set[int]] = {}
         self._newest_bucket: int | None = None
-        self.pending: dict[int, list[int]] = {}  # added since the last drain, per bucket
+        self.pending: dict[int, list[tuple[int, int]]] = {}  # since the last drain, per bucket
 
     def __len__(self) -> int:
         return len(self._bucket_of)
 
-    def check_and_add(self, event_id: str, sent_at_ms: int) -> bool:
-        """True when the id is new (and remember it); False for a duplicate."""
+    def check_and_add(self, event_id: str, at_ms: int, offset: int = -1) -> bool:
+        """True when the id is new (and remember it); False for a duplicate.
+
+        ``at_ms`` buckets the id for expiry; ``offset`` is the input position (>= 0 on an
+        ordered input): an id first passed at this same offset or a later one is not a
+        duplicate of itself when that input is replayed.
+        """
         d = digest(event_id)
         if d in self._bucket_of:
-            return False
-        bucket = sent_at_ms - sent_at_ms % self.bucket_ms
+            return offset >= 0 and self._first_offset.get(d, -1) >= offset
+        bucket = at_ms - at_ms % self.bucket_ms
         self._bucket_of[d] = bucket
+        if offset >= 0:
+            self._first_offset[d] = offset
         self._buckets.setdefault(bucket, set()).add(d)
-        self.pending.setdefault(bucket, []).append(d)
+        self.pending.setdefault(bucket, []).append((d, offset))
         if self._newest_bucket is None or bucket > self._newest_bucket:
             self._newest_bucket = bucket
         return True
 
-    def load(self, bucket: int, digests: Iterable[int]) -> None:
+    def load(self, bucket: int, digests: Iterable[int], offsets: Iterable[int] = ()) -> None:
         """Restore ids saved earlier (from the table, on first use of a partition)."""
         ids = self._buckets.setdefault(bucket, set())
-        for d in digests:
+        offs = list(offsets)
+        for i, d in enumerate(digests):
             self._bucket_of[d] = bucket
+            if i < len(offs) and offs[i] >= 0:
+                self._first_offset[d] = offs[i]
             ids.add(d)
         if self._newest_bucket is None or bucket > self._newest_bucket:
             self._newest_bucket = bucket
 
-    def drain(self, chunk: int = 10_000) -> Iterator[tuple[int, list[int]]]:
-        """The ids added since the last drain, per bucket, in chunks, to be saved."""
+    def drain(self, chunk: int = 10_000) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The ids added since the last drain, per bucket, in chunks: table values to save."""
         pending, self.pending = self.pending, {}
-        for bucket, ids in pending.items():
-            for i in range(0, len(ids), chunk):
-                yield bucket, ids[i : i + chunk]
+        for bucket, entries in pending.items():
+            for i in range(0, len(entries), chunk):
+                part = entries[i : i + chunk]
+                value: dict[str, Any] = {"bucket": bucket, "ids": [format(d, "016x") for d, _ in part]}
+                if any(o >= 0 for _, o in part):
+                    value["offsets"] = [o for _, o in part]
+                yield bucket, value
 
     def expire(self) -> list[int]:
         """Forget buckets older than the horizon; returns the buckets dropped."""
@@ -80,12 +100,71 @@ class EventIdFilter:
             for d in self._buckets.pop(b):
                 if self._bucket_of.get(d) == b:
                     del self._bucket_of[d]
+                    self._first_offset.pop(d, None)
         return dropped
 
 
-def saved_entries(data: Mapping[Any, Any], partition: int) -> Iterator[tuple[str, int, list[int]]]:
-    """Table entries of one partition: (key, bucket, digests)."""
-    prefix = f"p{partition}:"
+def saved_entries(
+    data: Mapping[Any, Any], prefix: str
+) -> Iterator[tuple[str, int, list[int], list[int]]]:
+    """Table entries under a key prefix (e.g. ``"p3:"``): (key, bucket, digests, offsets)."""
     for key, value in list(data.items()):
         if isinstance(key, str) and key.startswith(prefix) and value:
-            yield key, int(value["bucket"]), [int(x, 16) for x in value["ids"]]
+            yield (key, int(value["bucket"]), [int(x, 16) for x in value["ids"]],
+                   [int(o) for o in value.get("offsets", ())])
+
+
+class TableBackedFilters:
+    """One EventIdFilter per input partition, saved to a changelog table under a key prefix.
+
+    ``send(partition, key, value)`` writes a changelog entry (None deletes); ``data`` is the
+    table's local store, read once per partition to restore its filter.
+    """
+
+    def __init__(
+        self,
+        data: MutableMapping[Any, Any],
+        send: Callable[[int, str, Any], Any],
+        prefix: str,
+        horizon_ms: int,
+        bucket_ms: int = _BUCKET_MS,
+    ) -> None:
+        self._data = data
+        self._send = send
+        self._prefix = prefix
+        self._horizon_ms = horizon_ms
+        self._bucket_ms = bucket_ms
+        self._filters: dict[int, EventIdFilter] = {}
+        self._keys: dict[int, dict[int, list[str]]] = {}
+
+    def get(self, part: int) -> EventIdFilter:
+        """The filter of a partition, restored from the table on first use."""
+        f = self._filters.get(part)
+        if f is None:
+            f = self._filters[part] = EventIdFilter(self._horizon_ms, self._bucket_ms)
+            keys = self._keys[part] = {}
+            for key, bucket, ids, offsets in saved_entries(self._data, f"{self._prefix}{part}:"):
+                f.load(bucket, ids, offsets)
+                keys.setdefault(bucket, []).append(key)
+        return f
+
+    def save(self, part: int, tag: int) -> None:
+        """Write the ids added since the last save; delete expired buckets."""
+        f = self._filters.get(part)
+        if f is None:
+            return
+        keys = self._keys[part]
+        for n, (bucket, value) in enumerate(f.drain()):
+            key = f"{self._prefix}{part}:{bucket}:{tag}:{n}"
+            self._data[key] = value
+            self._send(part, key, value)
+            keys.setdefault(bucket, []).append(key)
+        for bucket in f.expire():
+            for key in keys.pop(bucket, []):
+                self._data.pop(key, None)
+                self._send(part, key, None)
+
+    def forget(self, part: int) -> None:
+        """Drop a revoked partition's filter; its next owner restores it from the table."""
+        self._filters.pop(part, None)
+        self._keys.pop(part, None)

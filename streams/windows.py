@@ -13,6 +13,10 @@ data (DESIGN rule 2), so windows are kept here in plain dicts and closed explici
   it to ``usage.late``) and counted on the carrier window (the tenant's first open window of
   that size), never silently dropped.
 
+Windows close after each input message (never in the middle of one), so whether a sample
+is late depends only on the order of messages in the partition — not on how they were
+batched — and a backlog after a restart decides exactly as the live run did.
+
 Exactly once across crashes. The caller holds each input message unacked until every window
 it touched (or carries a late count for) has closed and the close was durably logged (see
 :meth:`PartitionWindows.snapshot`), so the committed offset never passes an open window's
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import decimal
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -33,6 +38,7 @@ from typing import Any
 
 from schemas import DECIMAL_QUANTUM
 from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS, MetricState, new_state
+from streams.dedup import EventIdFilter
 from streams.scoring import score
 
 __all__ = ["MessageOutcome", "PartitionWindows", "WindowConfig", "window_id"]
@@ -93,8 +99,15 @@ class MessageOutcome:
 class PartitionWindows:
     """Open windows of one input partition, its watermark, and the closed-window results."""
 
-    def __init__(self, config: WindowConfig, saved: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: WindowConfig,
+        saved: Mapping[str, Any] | None = None,
+        ids: EventIdFilter | None = None,
+    ) -> None:
         self.config = config
+        self._grain = math.gcd(*config.sizes_ms)
+        self.ids = ids  # drops copies of records already counted, across windows and restarts
         self.open: dict[tuple[int, str, int], _Window] = {}  # (size, tenant, start)
         self.max_event_ms: int | None = None
         self.promised_ms: int | None = None
@@ -187,8 +200,12 @@ class PartitionWindows:
         final = self._final_wm if replay else None
         out = MessageOutcome(late=[], release_at=0, replayed=replay)
         sizes = self.config.sizes_ms
+        ids = self.ids
         for r in records:
             ts = r["event_time_ms"]
+            if ids is not None and not ids.check_and_add(r["event_id"], ts, offset):
+                out.duplicates += 1
+                continue
             tenant = r["tenant_id"]
             is_late = False
             for size in sizes:
@@ -265,14 +282,21 @@ class PartitionWindows:
                 return []
             self._replay_until = -1  # replay done: from here on, decide as a live run would
             self._final_wm = None
-        target = self.watermark_ms
-        if target is None or (self.closed_wm is not None and target <= self.closed_wm):
+        wm = self.watermark_ms
+        if wm is None:
+            return []
+        # every window end is a multiple of the sizes' gcd: closing up to the last such
+        # boundary changes closed_wm only when a window really closes, which keeps the close
+        # log to one entry per smallest window
+        target = wm - wm % self._grain
+        if self.closed_wm is not None and target <= self.closed_wm:
             return []
         due = sorted(
             (k for k in self.open if k[2] + k[0] <= target), key=lambda k: (k[2] + k[0], k[0], k[1])
         )
         results = [self._result(*key, self.open.pop(key)) for key in due]
         self.closed_wm = target
+        self._log(self.last_offset, target)
         for tenant in list(self.gaps):
             # a gap range is kept while some window it overlaps may still be open
             left = [g for g in self.gaps[tenant] if g[1] >= target - max(self.config.sizes_ms)]

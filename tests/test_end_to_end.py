@@ -109,11 +109,10 @@ def expected_windows(samples: list[dict]) -> dict[tuple[str, int], dict]:
 def test_vm_usage_end_to_end(
     e2e_settings: Settings, broker: TansuBroker, worker: subprocess.Popen[bytes]
 ) -> None:
+    from sinks.clickhouse import ClickHouseSink, backend_from_settings
     from sinks.receiver import ReceiverServer
     from sinks.signing import generate_secret
     from sinks.webhook import WebhookSink
-
-    from sinks.clickhouse import ClickHouseSink, backend_from_settings
 
     s = e2e_settings
     secret = generate_secret()
@@ -177,7 +176,7 @@ def test_vm_usage_end_to_end(
         assert Decimal(cpu_raw) == sum(r["value"] for r in samples if r["metric"] == "cpu_time_nanos")
 
         # the receiver got exactly one report per tenant-window
-        ids = [r["body"]["id"] if "body" in r else r["id"] for r in receiver.reports]
+        ids = [r["payload"]["id"] for r in receiver.reports]
         assert len(ids) == len(set(ids)) == len(expected)
         assert set(ids) == {f"{t}|{ws}|{size}" for t, ws in expected}
     finally:

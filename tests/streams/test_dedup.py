@@ -26,12 +26,26 @@ def test_drained_ids_restore_a_new_filter() -> None:
     for i in range(25):
         f.check_and_add(f"e{i}", i * 1000)
     table = {}
-    for n, (bucket, ids) in enumerate(f.drain(chunk=10)):
-        table[f"p3:{bucket}:{n}"] = {"bucket": bucket, "ids": [format(d, "016x") for d in ids]}
+    for n, (bucket, value) in enumerate(f.drain(chunk=10)):
+        table[f"p3:{bucket}:{n}"] = value
     table["p4:0:0"] = {"bucket": 0, "ids": [format(digest("other"), "016x")]}
     g = EventIdFilter(horizon_ms=24 * H)
-    for _key, bucket, ids in saved_entries(table, 3):
-        g.load(bucket, ids)
+    for _key, bucket, ids, offsets in saved_entries(table, "p3:"):
+        g.load(bucket, ids, offsets)
     assert len(g) == 25
     assert not g.check_and_add("e7", 0)
     assert g.check_and_add("other", 0)  # another partition's ids are not ours
+
+
+def test_replayed_offset_is_not_its_own_duplicate() -> None:
+    f = EventIdFilter(horizon_ms=24 * H)
+    assert f.check_and_add("a", 0, offset=5)
+    assert f.check_and_add("a", 0, offset=5)  # the same input message, replayed
+    assert f.check_and_add("a", 0, offset=3)  # replay from before it
+    assert not f.check_and_add("a", 0, offset=9)  # a re-published copy
+    saved = {f"w0:0:{n}": v for n, (_, v) in enumerate(f.drain())}
+    g = EventIdFilter(horizon_ms=24 * H)
+    for _k, bucket, ids, offsets in saved_entries(saved, "w0:"):
+        g.load(bucket, ids, offsets)
+    assert g.check_and_add("a", 0, offset=5)
+    assert not g.check_and_add("a", 0, offset=6)

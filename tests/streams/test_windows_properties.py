@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metering.config import DEFAULT_SCORE_WEIGHTS
+from streams.dedup import EventIdFilter, saved_entries
 from streams.windows import PartitionWindows, WindowConfig
 
 SIZES = (10_000, 30_000)
@@ -54,11 +55,21 @@ def streams_(draw: Any, max_disorder: int) -> list[list[dict]]:
     return out
 
 
-def run(messages: list[list[dict]], lateness: int, crash_at: int | None = None) -> tuple[
-        dict[str, dict], list[dict]]:
-    """Feed messages, emitting windows; with crash_at, restart from the snapshot there."""
+def run(messages: list[list[dict]], lateness: int, crash_at: int | None = None,
+        republish: int = 0) -> tuple[dict[str, dict], list[dict]]:
+    """Feed messages, emitting windows; with crash_at, restart from the snapshot there, and
+    (like a restarted normalizer) append copies of the last ``republish`` messages."""
     cfg = config(lateness)
-    pw = PartitionWindows(cfg)
+    table: dict[str, dict] = {}
+
+    def restored_ids() -> EventIdFilter:
+        f = EventIdFilter(horizon_ms=10**9, bucket_ms=60_000)
+        for _k, bucket, ids, offs in saved_entries(table, "w0:"):
+            f.load(bucket, ids, offs)
+        return f
+
+    pw = PartitionWindows(cfg, ids=restored_ids())
+    messages = list(messages)
     emitted: dict[str, dict] = {}
     late: list[dict] = []
     held: dict[int, int] = {}
@@ -73,9 +84,14 @@ def run(messages: list[list[dict]], lateness: int, crash_at: int | None = None) 
             assert emitted.setdefault(w["window_id"], w) == w, "re-emitted differently"
         held = {o: r for o, r in held.items() if pw.closed_wm is None or r > pw.closed_wm}
         snap = pw.snapshot(min(held, default=None))
+        assert pw.ids is not None
+        for n, (bucket, value) in enumerate(pw.ids.drain()):
+            table[f"w0:{bucket}:{off}:{n}"] = value
         if crash_at is not None and off == crash_at and not crashed:
             crashed = True
-            pw = PartitionWindows(cfg, saved=snap)
+            copies = messages[max(0, off + 1 - republish): off + 1]
+            messages[off + 1:off + 1] = [[dict(r) for r in m] for m in copies]
+            pw = PartitionWindows(cfg, saved=snap, ids=restored_ids())
             off = min(held, default=off + 1)  # the committed offset
             continue
         off += 1
@@ -158,6 +174,7 @@ def test_unbounded_disorder_conserves_every_sample(messages: list[list[dict]]) -
 def test_crash_and_replay_emit_what_an_uninterrupted_run_emits(
         messages: list[list[dict]], data: Any) -> None:
     crash_at = data.draw(st.integers(0, len(messages) - 1))
+    republish = data.draw(st.integers(0, 3))
     clean, clean_late = run(messages, lateness=3_000)
-    crashed, _ = run(messages, lateness=3_000, crash_at=crash_at)
+    crashed, _ = run(messages, lateness=3_000, crash_at=crash_at, republish=republish)
     assert crashed == clean
