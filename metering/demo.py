@@ -124,8 +124,12 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
         while time.monotonic() < deadline:
             if worker.poll() is not None:
                 raise MeteringError(f"the stream worker exited ({worker.returncode}); see {root}/worker.log")
-            stored = backend.query("SELECT count() FROM (SELECT DISTINCT window_id FROM usage_windows)")[0][0]
-            if stored >= len(expected) and len(receiver.reports) >= len(expected):
+            stored = backend.query(
+                "SELECT count() FROM (SELECT DISTINCT window_id FROM usage_windows "
+                f"WHERE window_end_ms - window_start_ms = {size_ms})")[0][0]
+            reports = sum(1 for r in receiver.reports
+                          if r["payload"]["window_end_ms"] - r["payload"]["window_start_ms"] == size_ms)
+            if stored >= len(expected) and reports >= len(expected):
                 break
             time.sleep(1)
         else:
@@ -133,7 +137,7 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
                 f"timed out: {stored}/{len(expected)} windows stored, "
                 f"{len(receiver.reports)} webhook reports; see {root}/worker.log"
             )
-        _print_results(backend, len(receiver.reports), time.monotonic() - t0)
+        _print_results(backend, size_ms, reports, time.monotonic() - t0)
     finally:
         for sink in sinks_:
             sink.stop()
@@ -152,18 +156,18 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
         del started
 
 
-def _print_results(backend: object, reports: int, elapsed: float) -> None:
+def _print_results(backend: object, size_ms: int, reports: int, elapsed: float) -> None:
     from sinks.clickhouse import ClickHouseBackend
 
     assert isinstance(backend, ClickHouseBackend)
     rows = backend.query(
-        """
+        f"""
         SELECT tenant_id, count() AS windows, sum(sample_count) AS samples, sum(score) AS score,
                min(window_start) AS first_window, max(window_start) AS last_window
         FROM (
             SELECT window_id, any(tenant_id) AS tenant_id, any(sample_count) AS sample_count,
                    any(score) AS score, any(window_start) AS window_start
-            FROM usage_windows GROUP BY window_id
+            FROM usage_windows WHERE window_end_ms - window_start_ms = {size_ms} GROUP BY window_id
         )
         GROUP BY tenant_id ORDER BY tenant_id
         """
@@ -174,7 +178,7 @@ def _print_results(backend: object, reports: int, elapsed: float) -> None:
     )
     cpu = {t: (n, v) for t, n, v in raw}
     print()
-    print("per-tenant results read back from ClickHouse (closed 60 s windows)")
+    print(f"per-tenant results read back from ClickHouse (closed {size_ms // 1000} s windows)")
     header = f"{'tenant':<12} {'windows':>7} {'samples':>8} {'cpu seconds':>14} {'billing score':>16}"
     print(header)
     print("-" * len(header))
@@ -182,5 +186,5 @@ def _print_results(backend: object, reports: int, elapsed: float) -> None:
         cpu_s = Decimal(cpu.get(tenant, (0, 0))[1]) / Decimal(10**9)
         print(f"{tenant:<12} {windows:>7} {samples:>8} {cpu_s:>14.3f} {Decimal(score):>16.3f}")
     print("-" * len(header))
-    print(f"webhook reports received (deduplicated by webhook-id): {reports}")
+    print(f"webhook reports received for these windows (deduplicated by webhook-id): {reports}")
     print(f"done in {elapsed:.1f} s")

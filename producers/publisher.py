@@ -68,6 +68,8 @@ class EnvelopePublisher:
         self.max_records = max_records_per_envelope
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap_servers,
+            # librdkafka logs disconnects at info level; warnings and errors still show
+            "log_level": 4,
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 5,

@@ -115,6 +115,8 @@ class BatchingSink(ABC):
         self._last_activity = time.monotonic()
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap_servers,
+            # librdkafka logs disconnects at info level; warnings and errors still show
+            "log_level": 4,
             "group.id": group_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -126,7 +128,8 @@ class BatchingSink(ABC):
         conf.update(consumer_config or {})
         self.consumer = Consumer(conf)
         self._dlq_producer = Producer(
-            {"bootstrap.servers": bootstrap_servers, "acks": "all", "enable.idempotence": True}
+            {"bootstrap.servers": bootstrap_servers, "acks": "all", "enable.idempotence": True,
+             "log_level": 4}
         )
 
     # ---- what subclasses provide -------------------------------------------------------
