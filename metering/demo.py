@@ -8,6 +8,7 @@ per-tenant results read back from ClickHouse.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -63,6 +64,11 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
     sink_threads: list[threading.Thread] = []
     sinks_: list[ClickHouseSink | WebhookSink] = []
     t0 = time.monotonic()
+    pub: EnvelopePublisher | None = None
+    ch_sink: ClickHouseSink | None = None
+    wh_sink: WebhookSink | None = None
+    sink: ClickHouseSink | WebhookSink | None = None
+    th: threading.Thread | None = None
     try:
         if settings.kafka_bootstrap_servers:
             bootstrap = settings.kafka_bootstrap_servers
@@ -151,6 +157,11 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
                 worker.kill()
         if receiver is not None:
             receiver.stop()
+        # drop every Kafka client before the broker goes, or they log reconnect failures
+        sinks_.clear()
+        sink_threads.clear()
+        pub = ch_sink = wh_sink = sink = th = None  # noqa: F841
+        gc.collect()
         if broker is not None:
             broker.stop()
         del started
