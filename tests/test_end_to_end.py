@@ -8,10 +8,6 @@ test itself produced, with the formula written out longhand.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,9 +21,10 @@ from clickhouse_driver import Client
 
 from metering import topics
 from metering.config import Settings
-from metering.embedded import ClickHouseServer, TansuBroker, free_port
+from metering.embedded import ClickHouseServer, TansuBroker
 from producers import EnvelopePublisher
 from producers.simulators import VmSimulator
+from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -47,33 +44,11 @@ def e2e_settings(settings: Settings, clickhouse_server: ClickHouseServer) -> Set
     })
 
 
-def worker_env(s: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        KAFKA_BOOTSTRAP_SERVERS=str(s.kafka_bootstrap_servers),
-        TOPIC_PREFIX=s.topic_prefix,
-        TOPIC_PARTITIONS=str(s.topic_partitions),
-        WINDOW_SIZES_SECONDS=json.dumps(s.window_sizes_seconds),
-        ALLOWED_LATENESS_SECONDS=str(s.allowed_lateness_seconds),
-        WORKER_DATADIR=s.worker_datadir,
-        WORKER_WEB_PORT=str(free_port()),
-        IDLE_CLOSE_SECONDS="3",
-    )
-    return env
-
-
 @pytest.fixture
-def worker(e2e_settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "metering", "worker", "--loglevel", "info"],
-                            env=worker_env(e2e_settings), stdout=log, stderr=subprocess.STDOUT)
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+def worker(e2e_settings: Settings, tmp_path: Path) -> Iterator[WorkerProcess]:
+    w = WorkerProcess(e2e_settings.model_copy(update={"idle_close_seconds": 3.0}), tmp_path).start()
+    yield w
+    w.stop()
 
 
 def expected_windows(samples: list[dict]) -> dict[tuple[str, int], dict]:
@@ -107,7 +82,7 @@ def expected_windows(samples: list[dict]) -> dict[tuple[str, int], dict]:
 
 
 def test_vm_usage_end_to_end(
-    e2e_settings: Settings, broker: TansuBroker, worker: subprocess.Popen[bytes]
+    e2e_settings: Settings, broker: TansuBroker, worker: WorkerProcess
 ) -> None:
     from sinks.clickhouse import ClickHouseSink, backend_from_settings
     from sinks.receiver import ReceiverServer
@@ -144,7 +119,7 @@ def test_vm_usage_end_to_end(
         deadline = time.monotonic() + 120
         rows: list[tuple] = []
         while time.monotonic() < deadline:
-            assert worker.poll() is None, "the stream worker died"
+            assert worker.alive(), "the stream worker died"
             rows = backend.query(
                 "SELECT tenant_id, window_start_ms, sample_count, metrics, metric_values, score "
                 "FROM usage_windows ORDER BY tenant_id, window_start_ms")
