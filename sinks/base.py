@@ -113,6 +113,7 @@ class BatchingSink(ABC):
         self._paused: list[TopicPartition] = []
         self._stop = threading.Event()
         self._last_activity = time.monotonic()
+        self._failures = 0
         conf: dict[str, Any] = {
             "bootstrap.servers": bootstrap_servers,
             # librdkafka logs disconnects at info level; warnings and errors still show
@@ -255,14 +256,26 @@ class BatchingSink(ABC):
                 self.stats.records_written += len(batch.records)
                 self.stats.batches_written += 1
             self._flush_dead_letters()
-        except (BackpressureError, SinkUnavailableError) as exc:
-            retry_after = getattr(exc, "retry_after", 1.0)
+        except SinkError as exc:
+            # overload and outages say when to retry; any other sink error (a rejected
+            # insert, say) is retried with a growing delay and shown in stats, never
+            # skipped: billing data is not dropped to keep a sink moving
+            if isinstance(exc, BackpressureError):
+                retry_after = exc.retry_after
+            elif isinstance(exc, SinkUnavailableError):
+                retry_after = 1.0
+            else:
+                self._failures += 1
+                retry_after = min(60.0, 0.5 * 2 ** min(self._failures, 7))
+                log.error("%s: write failed (%d in a row), retrying in %.1fs: %s",
+                          self.name, self._failures, retry_after, exc)
             self.stats.backpressure_events += 1
             self.stats.last_error = str(exc)
             log.warning("%s: backing off %.1fs: %s", self.name, retry_after, exc)
             self._commit(written, partial=True)
             self._pause(retry_after)
             return
+        self._failures = 0
         self._commit(written, partial=False)
         self._oldest_pending = None
         self.stats.last_flush_monotonic = time.monotonic()
