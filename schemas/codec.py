@@ -23,6 +23,7 @@ __all__ = [
     "AvroCodec",
     "CodecError",
     "DECIMAL_QUANTUM",
+    "SINGLE_OBJECT_MAGIC",
     "crc64_avro",
     "dead_letter_codec",
     "envelope_codec",
@@ -34,7 +35,7 @@ __all__ = [
 #: Every decimal in our schemas is decimal(38, 9).
 DECIMAL_QUANTUM = Decimal("0.000000001")
 
-_SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 _CONFLUENT_MAGIC = 0
 _EMPTY64 = 0xC15D213AA4D7A795
 
@@ -112,7 +113,7 @@ class AvroCodec:
         self.full_name = full_name
         canonical = to_parsing_canonical_form(self.schema)
         self.fingerprint = crc64_avro(canonical.encode())
-        self._header = _SINGLE_OBJECT_MAGIC + struct.pack("<Q", self.fingerprint)
+        self._header = SINGLE_OBJECT_MAGIC + struct.pack("<Q", self.fingerprint)
         self.registry_id = registry_id
         self._resolve_id = resolve_id
         self._writers_by_id: dict[int, Any] = {}
@@ -134,7 +135,7 @@ class AvroCodec:
         """Deserialize one message in single-object or Confluent wire format."""
         if len(data) < 5:
             raise CodecError(f"{self.full_name}: message of {len(data)} bytes is too short")
-        if data[:2] == _SINGLE_OBJECT_MAGIC:
+        if data[:2] == SINGLE_OBJECT_MAGIC:
             if len(data) < 10:
                 raise CodecError(f"{self.full_name}: truncated single-object header")
             (fp,) = struct.unpack_from("<Q", data, 2)

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +25,7 @@ import faust
 
 from metering.config import Settings
 from schemas import CodecError, encode_dead_letter, envelope_codec, window_codec
+from schemas.codec import SINGLE_OBJECT_MAGIC
 from streams.dedup import EventIdFilter, TableBackedFilters
 from streams.normalize import invalid_reason
 from streams.tables import StreamTables
@@ -82,6 +83,34 @@ class WindowState:
             self.last_seen.pop(p, None)
 
 
+class RecentlyEncoded:
+    """What the normalizer just published, by exact bytes, so the window stage in the same
+    worker (partitions are co-assigned) can skip decoding it. Keyed by the whole payload, so
+    a hit is the very same message; bounded, so a miss just decodes."""
+
+    def __init__(self, max_records: int = 200_000) -> None:
+        self._items: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+        self._max_records = max_records
+        self._records = 0
+
+    def put(self, payload: bytes, envelope: dict[str, Any]) -> None:
+        """Remember a published payload and its decoded form."""
+        if payload in self._items:
+            return
+        self._items[payload] = envelope
+        self._records += len(envelope["records"])
+        while self._records > self._max_records and self._items:
+            _, old = self._items.popitem(last=False)
+            self._records -= len(old["records"])
+
+    def take(self, payload: bytes | None) -> dict[str, Any] | None:
+        """The decoded form of a payload published here, once; None when unknown."""
+        env = self._items.pop(payload, None) if payload else None
+        if env is not None:
+            self._records -= len(env["records"])
+        return env
+
+
 def _dead(ev: faust.EventT, stage: str, reason: str) -> bytes:
     msg = ev.message
     return encode_dead_letter(
@@ -113,6 +142,7 @@ def install_agents(
     async def send(topic: faust.TopicT, key: bytes | None, value: bytes) -> Awaitable[Any]:
         return await topic.send(key=key, value=value)
 
+    recent = RecentlyEncoded()
     dedup_table = tables.dedup
 
     def send_dedup(part: int, key: str, value: Any) -> None:
@@ -150,26 +180,39 @@ def install_agents(
                     ids = id_filter(part)
                     sent_at = env["sent_at_ms"]
                     by_tenant: dict[str, list[dict[str, Any]]] = {}
+                    dropped = 0
                     for i, rec in enumerate(env["records"]):
                         reason = invalid_reason(rec, sent_at)
                         if reason is not None:
+                            dropped += 1
                             pending.append(await send(topics.dlq, None, _dead(
                                 ev, "normalize", f"record {i} ({rec.get('event_id')}): {reason}")))
                             continue
                         if ids is not None and not ids.check_and_add(rec["event_id"], sent_at):
+                            dropped += 1
                             stats.duplicates_dropped += 1
                             continue
                         by_tenant.setdefault(rec["tenant_id"], []).append(rec)
                     # one output per input message and tenant, in input order: the window
                     # stage's lateness depends on message order, so normalizing a backlog
                     # must not reorder what the live run would have seen
+                    value = msg.value or b""
+                    if not dropped and len(by_tenant) == 1 and value[:2] == SINGLE_OBJECT_MAGIC:
+                        # the common case: the input is already canonical, forward its bytes
+                        # (with the producer's watermark inside); encoding costs as much as decoding
+                        tenant = next(iter(by_tenant))
+                        recent.put(value, env)
+                        pending.append(await send(topics.records, tenant.encode(), value))
+                        continue
                     origin = f"{msg.topic}:{part}"
                     for tenant, recs in by_tenant.items():
-                        out = env_codec.encode({
+                        out_env = {
                             "envelope_id": f"{origin}:{msg.offset}:{tenant}", "source": env["source"],
                             "producer": origin, "sent_at_ms": sent_at, "watermark_ms": None,
                             "records": recs,
-                        })
+                        }
+                        out = env_codec.encode(out_env)
+                        recent.put(out, out_env)
                         pending.append(await send(topics.records, tenant.encode(), out))
                     if env["watermark_ms"] is not None:
                         # a producer's promise about its partition goes to the same partition
@@ -226,7 +269,8 @@ def install_agents(
                         pw = state.of(part, table.data.get(f"p{part}"), window_ids.get(part))
                     touched.add(part)
                     try:
-                        env = env_codec.decode(msg.value or b"")
+                        # this worker normalized it a moment ago: skip decoding it again
+                        env = recent.take(msg.value) or env_codec.decode(msg.value or b"")
                     except CodecError as exc:
                         pending.append(await send(topics.dlq, None, _dead(ev, "windows", str(exc))))
                         continue
