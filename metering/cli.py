@@ -133,11 +133,20 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_sink)
 
     srv = sub.add_parser("serve", help="run an HTTP service")
-    srv.add_argument("service", choices=["receiver"])
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8088)
-    srv.add_argument("--store", default=None, help="append received reports to this JSONL file")
-    srv.set_defaults(fn=_cmd_receiver)
+    services = srv.add_subparsers(dest="service", required=True)
+    rcv = services.add_parser("receiver", help="webhook receiver (a billing endpoint for demos)")
+    rcv.add_argument("--host", default="127.0.0.1")
+    rcv.add_argument("--port", type=int, default=8088)
+    rcv.add_argument("--store", default=None, help="append received reports to this JSONL file")
+    rcv.set_defaults(fn=_cmd_receiver)
+    from producers import track_server, vm_gateway
+
+    vm = services.add_parser("vm-ingest", help="billaged-compatible VM usage ingest API")
+    vm_gateway.build_parser_args(vm)
+    vm.set_defaults(fn=vm_gateway.run_from_args)
+    tr = services.add_parser("track", help="HTTP POST /track for the metering client")
+    track_server.build_parser_args(tr)
+    tr.set_defaults(fn=track_server.run_from_args)
 
     sim = sub.add_parser("simulate", help="publish simulated usage")
     sim.add_argument("source", choices=["vm"])
