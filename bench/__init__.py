@@ -1,0 +1,1 @@
+"""Benchmarks: figures are quoted as ratios against a baseline measured in the same run."""
