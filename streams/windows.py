@@ -122,6 +122,7 @@ class PartitionWindows:
         self._log_values: list[int | None] = []
         self._base_wm: int | None = None
         self._replay_until = -1
+        self._exact_from = -1  # the saved log decides exactly for offsets from here on
         self._final_wm: int | None = None
         if saved:
             self._restore(saved)
@@ -136,6 +137,7 @@ class PartitionWindows:
             self._log_offsets.append(off)
             self._log_values.append(wm)
         self._replay_until = saved.get("last_offset", -1)
+        self._exact_from = saved.get("exact_from", -1)
         self._final_wm = saved.get("closed_wm")
         self.closed_wm = self._final_wm  # a window at or before it was emitted before the crash
 
@@ -143,6 +145,7 @@ class PartitionWindows:
         """The state to save durably after a batch; log entries below the oldest held message
         are folded into a baseline (every window those messages touched is closed)."""
         self._log(self.last_offset, self.closed_wm)
+        exact_from = min_held_offset if min_held_offset is not None else self.last_offset + 1
         if min_held_offset is not None:
             cut = bisect.bisect_left(self._log_offsets, min_held_offset)
             if cut:
@@ -158,6 +161,9 @@ class PartitionWindows:
             "max_event_ms": self.max_event_ms,
             "promised_ms": self.promised_ms,
             "base_wm": self._base_wm,
+            # below this offset every message was released: all it touched is closed and
+            # emitted, so a replay (the commit lags the releases) skips those messages whole
+            "exact_from": exact_from,
             "log": [[o, v] for o, v in zip(self._log_offsets, self._log_values, strict=True)],
         }
 
@@ -196,6 +202,9 @@ class PartitionWindows:
     ) -> MessageOutcome:
         """Fold one input message's canonical records in (offsets must increase)."""
         replay = offset <= self._replay_until
+        if replay and offset < self._exact_from:
+            self.last_offset = max(self.last_offset, offset)
+            return MessageOutcome(late=[], release_at=0, replayed=True)
         closed = self._closed_wm_before(offset) if replay else self.closed_wm
         final = self._final_wm if replay else None
         out = MessageOutcome(late=[], release_at=0, replayed=replay)

@@ -182,3 +182,35 @@ def test_a_stopped_vm_needs_no_heartbeats_after_its_stop() -> None:
     pw.add(1, [life("a", "vm_heartbeat", 0), life("a", "vm_heartbeat", 15_000),
                life("a", "vm_stopped", 20_000), rec("a", "cpu_time_nanos", 1, 10_000)])
     assert closed_flags(pw) == {"a|0|60000": False}
+
+
+def test_replay_from_a_lagging_commit_skips_released_messages() -> None:
+    """The commit lags the releases: a replay re-reads messages whose windows all closed;
+    they must change nothing (found by the SIGKILL test as spurious late counts)."""
+    c = WindowConfig(sizes_ms=(10_000,), lateness_ms=0, weights=DEFAULT_SCORE_WEIGHTS)
+    msgs = [
+        (0, [rec("a", "x", 1, 5_000)], None),
+        (1, [rec("a", "x", 2, 15_000)], None),  # closes window 0
+        (2, [rec("a", "x", 3, 16_000)], None),
+        (3, [], 20_000),  # a watermark promise closes window 1; nothing is held after it
+        (4, [rec("a", "x", 4, 25_000)], None),
+    ]
+    live = PartitionWindows(c)
+    held: dict[int, int] = {}
+    emitted = []
+    snap = None
+    for off, recs, wm in msgs[:4]:
+        out = live.add(off, recs, wm)
+        emitted += live.close_due()
+        held[off] = out.release_at
+        held = {o: r for o, r in held.items() if r > (live.closed_wm or -1)}
+        snap = live.snapshot(min(held, default=None))
+    assert held == {}
+    restored = PartitionWindows(c, saved=snap)
+    for off, recs, wm in msgs[1:]:  # the committed offset was still 1
+        restored.add(off, recs, wm)
+        assert restored.close_due() == []
+    live.add(4, msgs[4][1])
+    restored.promise(10**9)
+    live.promise(10**9)
+    assert restored.close_due() == live.close_due()
