@@ -14,17 +14,26 @@ from typing import Any
 
 __all__ = ["AGGREGATIONS", "DEFAULT_METRIC_AGGREGATIONS", "MetricState", "new_state"]
 
-#: billaged's VM metrics; anything else defaults to "sum"
+#: the sources' known metrics; anything else defaults to "sum" (``METRIC_AGGREGATIONS``
+#: in the settings overrides or extends this)
 DEFAULT_METRIC_AGGREGATIONS: dict[str, str] = {
+    # billaged's VM metrics (counters already turned into per-batch amounts)
     "cpu_time_nanos": "sum",
     "memory_usage_bytes": "resource_mean",
     "disk_read_bytes": "sum",
     "disk_write_bytes": "sum",
     "network_rx_bytes": "sum",
     "network_tx_bytes": "sum",
+    # Redis Enterprise gauges, one sample per poll interval (producers/redis_enterprise.py)
+    "node_memory_bytes": "resource_mean",
+    "node_cpu_cores": "resource_mean",
+    "db_memory_bytes": "resource_mean",
+    "db_shards": "resource_mean",
+    "shards_max": "max",
+    "shards_used": "time_weighted",  # shard-seconds: what a per-shard-hour price multiplies
 }
 
-AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count", "resource_mean")
+AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count", "resource_mean", "time_weighted")
 
 _ZERO = Decimal(0)
 # wide enough that a mean of decimal(38, 9) values is exact to well past 9 places
@@ -43,6 +52,7 @@ class MetricState:
     latest: Decimal = _ZERO
     distinct: set[Decimal] = field(default_factory=set)
     per_resource: dict[str, list[Any]] = field(default_factory=dict)  # resource -> [sum, n]
+    points: dict[str, dict[int, Decimal]] = field(default_factory=dict)  # resource -> ts -> value
 
     def add(self, value: Decimal, ts_ms: int, event_id: str, resource_id: str) -> None:
         """Fold one sample in."""
@@ -66,10 +76,18 @@ class MetricState:
             else:
                 acc[0] = _CTX.add(acc[0], value)
                 acc[1] += 1
+        elif kind == "time_weighted":
+            series = self.points.setdefault(resource_id, {})
+            old = series.get(ts_ms)
+            # two readings at one instant: keep the larger, so the result is order-independent
+            if old is None or value > old:
+                series[ts_ms] = value
 
-    def result(self) -> Decimal:
-        """The aggregated value (unrounded)."""
+    def result(self, window_end_ms: int | None = None) -> Decimal:
+        """The aggregated value (unrounded); ``time_weighted`` needs the window's end."""
         kind = self.kind
+        if kind == "time_weighted":
+            return self._time_weighted(window_end_ms)
         if kind == "sum":
             return self.total
         if kind == "count":
@@ -85,6 +103,21 @@ class MetricState:
         total = _ZERO
         for s, n in self.per_resource.values():
             total = _CTX.add(total, _CTX.divide(s, n))
+        return total
+
+
+    def _time_weighted(self, window_end_ms: int | None) -> Decimal:
+        # value x seconds, a step function per resource: each reading holds until the
+        # resource's next reading in the window, the last one until the window's end (a
+        # gauge sampled at the end of each interval bills that interval in full; a resource
+        # that stops should report a final 0)
+        total = _ZERO
+        for series in self.points.values():
+            times = sorted(series)
+            ends = times[1:] + [window_end_ms if window_end_ms is not None else times[-1]]
+            for t, end in zip(times, ends, strict=True):
+                held_ms = max(0, end - t)
+                total = _CTX.add(total, _CTX.multiply(series[t], _CTX.divide(Decimal(held_ms), 1000)))
         return total
 
 

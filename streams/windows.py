@@ -335,7 +335,7 @@ class PartitionWindows:
         return False
 
     def _result(self, size: int, tenant: str, start: int, win: _Window) -> dict[str, Any]:
-        raw_totals = {m: st.result() for m, st in win.metrics.items()}
+        raw_totals = {m: st.result(start + size) for m, st in win.metrics.items()}
         totals = [
             {
                 "metric": m,
