@@ -61,6 +61,18 @@ class Settings(BaseSettings):
         default=86_400, ge=0, description="Drop a repeated event_id seen within this long; 0 disables."
     )
     score_weights: dict[str, Decimal] = Field(default_factory=lambda: dict(DEFAULT_SCORE_WEIGHTS))
+    metric_aggregations: dict[str, str] = Field(
+        default_factory=dict,
+        description="metric -> sum|count|max|latest|unique_count|resource_mean|time_weighted; "
+        "extends and overrides the built-in table (streams/aggregations.py).",
+    )
+
+    quota_file: str | None = Field(
+        default=None, description="TOML file of quota limits; run-time limits go to quota.limits."
+    )
+    quota_thresholds_percent: list[int] = Field(
+        default_factory=lambda: [80, 100], description="Alert thresholds of a limit that sets none."
+    )
 
     webhook_url: str | None = None
     webhook_secret: str | None = Field(default=None, description="whsec_<base64>")
@@ -81,11 +93,28 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown score terms {sorted(unknown)}; known: cpu_seconds, memory_gb, disk_mb")
         return {**DEFAULT_SCORE_WEIGHTS, **v}
 
+    @field_validator("metric_aggregations")
+    @classmethod
+    def _aggregations(cls, v: dict[str, str]) -> dict[str, str]:
+        from streams.aggregations import AGGREGATIONS, DEFAULT_METRIC_AGGREGATIONS
+
+        bad = {m: a for m, a in v.items() if a not in AGGREGATIONS}
+        if bad:
+            raise ValueError(f"unknown aggregations {bad}; known: {', '.join(AGGREGATIONS)}")
+        return {**DEFAULT_METRIC_AGGREGATIONS, **v}
+
     @field_validator("window_sizes_seconds")
     @classmethod
     def _sizes(cls, v: list[int]) -> list[int]:
         if not v or any(x <= 0 for x in v):
             raise ValueError("must be a non-empty list of positive seconds, e.g. [60, 3600]")
+        return sorted(set(v))
+
+    @field_validator("quota_thresholds_percent")
+    @classmethod
+    def _thresholds(cls, v: list[int]) -> list[int]:
+        if not v or any(not 1 <= x <= 1000 for x in v):
+            raise ValueError("must be a non-empty list of whole percentages from 1 to 1000, e.g. [80, 100]")
         return sorted(set(v))
 
     @field_validator("webhook_secret")

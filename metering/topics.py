@@ -15,6 +15,7 @@ __all__ = [
     "ALL_TOPICS",
     "DLQ",
     "LATE",
+    "LIMITS",
     "RECORDS",
     "SOURCE_TOPICS",
     "TopicSpec",
@@ -33,7 +34,8 @@ RECORDS = "usage.records"  # normalized UsageEnvelope batches, key = tenant
 WINDOWS = "usage.windows"  # WindowResult, key = tenant
 LATE = "usage.late"  # UsageEnvelope of records later than the allowed lateness
 DLQ = "usage.dlq"  # DeadLetter
-ALERTS = "quota.alerts"
+ALERTS = "quota.alerts"  # QuotaAlert, key = tenant, partition = the tenant's usage.windows partition
+LIMITS = "quota.limits"  # QuotaLimit, key = tenant|metric|period; compacted (a tombstone deletes)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ ALL_TOPICS = [TopicSpec(t) for t in SOURCE_TOPICS.values()] + [
     TopicSpec(LATE),
     TopicSpec(DLQ),
     TopicSpec(ALERTS),
+    TopicSpec(LIMITS, compacted=True),
 ]
 
 

@@ -8,6 +8,8 @@ from schemas.codec import (
     dead_letter_codec,
     envelope_codec,
     load_schema,
+    quota_alert_codec,
+    quota_limit_codec,
     record_codec,
     window_codec,
 )
@@ -22,6 +24,8 @@ __all__ = [
     "encode_dead_letter",
     "envelope_codec",
     "load_schema",
+    "quota_alert_codec",
+    "quota_limit_codec",
     "record_codec",
     "window_codec",
 ]

@@ -28,6 +28,8 @@ __all__ = [
     "dead_letter_codec",
     "envelope_codec",
     "load_schema",
+    "quota_alert_codec",
+    "quota_limit_codec",
     "record_codec",
     "window_codec",
 ]
@@ -70,6 +72,8 @@ _SCHEMA_FILES = {
     "metering.v1.UsageEnvelope": "usage_envelope.avsc",
     "metering.v1.WindowResult": "window_result.avsc",
     "metering.v1.DeadLetter": "dead_letter.avsc",
+    "metering.v1.QuotaAlert": "quota_alert.avsc",
+    "metering.v1.QuotaLimit": "quota_limit.avsc",
 }
 
 
@@ -192,3 +196,15 @@ def window_codec() -> AvroCodec:
 def dead_letter_codec() -> AvroCodec:
     """The codec of ``metering.v1.DeadLetter``."""
     return AvroCodec("metering.v1.DeadLetter")
+
+
+@cache
+def quota_alert_codec() -> AvroCodec:
+    """The codec of ``metering.v1.QuotaAlert``."""
+    return AvroCodec("metering.v1.QuotaAlert")
+
+
+@cache
+def quota_limit_codec() -> AvroCodec:
+    """The codec of ``metering.v1.QuotaLimit`` (the values of ``quota.limits``)."""
+    return AvroCodec("metering.v1.QuotaLimit")

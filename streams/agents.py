@@ -26,6 +26,7 @@ import faust
 from metering.config import Settings
 from schemas import CodecError, encode_dead_letter, envelope_codec, window_codec
 from schemas.codec import SINGLE_OBJECT_MAGIC
+from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS
 from streams.dedup import EventIdFilter, TableBackedFilters
 from streams.normalize import invalid_reason
 from streams.tables import StreamTables
@@ -55,8 +56,9 @@ class WindowState:
     """The window agent's per-partition state, shared with the idle-close timer.
 
     ``held`` lists, per partition, the input messages not yet acked: (offset, release_at,
-    message). A message is acked only once every window it touched is closed and the close
-    is in the window-state table, so the committed offset never passes an open window.
+    message), in offset order. A message is acked only once every window it touched is
+    closed and the close is in the window-state table, and only after every earlier message
+    was, so the committed offset never passes an open window.
     """
 
     config: WindowConfig
@@ -131,6 +133,7 @@ def install_agents(
             lateness_ms=settings.allowed_lateness_seconds * 1000,
             weights=settings.score_weights,
             heartbeat_timeout_ms=settings.vm_heartbeat_timeout_seconds * 1000,
+            aggregations=settings.metric_aggregations or DEFAULT_METRIC_AGGREGATIONS,
         )
     )
 
@@ -238,9 +241,14 @@ def install_agents(
         pw = state.partitions[part]
         held = state.held[part]
         closed = pw.closed_wm
-        keep = [h for h in held if closed is None or h[1] > closed]
-        free = [h for h in held if not (closed is None or h[1] > closed)]
-        min_held = min((h[0] for h in keep), default=None)
+        # release strictly in offset order: Faust commits the first run of consecutive
+        # acked offsets and does not check it starts at the committed one, so an ack
+        # behind a still-held message would commit past an open window
+        n = 0
+        while n < len(held) and (held[n][1] == 0 or (closed is not None and held[n][1] <= closed)):
+            n += 1
+        free, keep = held[:n], held[n:]
+        min_held = keep[0][0] if keep else None
         snap = pw.snapshot(min_held)
         window_ids.save(part, pw.last_offset)
         key = f"p{part}"
@@ -268,11 +276,14 @@ def install_agents(
                         state.forget([part])
                         pw = state.of(part, table.data.get(f"p{part}"), window_ids.get(part))
                     touched.add(part)
+                    # every message is held and released in offset order (see persist_and_release)
+                    msg.incref()
                     try:
                         # this worker normalized it a moment ago: skip decoding it again
                         env = recent.take(msg.value) or env_codec.decode(msg.value or b"")
                     except CodecError as exc:
                         pending.append(await send(topics.dlq, None, _dead(ev, "windows", str(exc))))
+                        state.held[part].append((msg.offset, 0, msg))
                         continue
                     outcome = pw.add(msg.offset, env["records"], env["watermark_ms"])
                     if outcome.late:
@@ -282,9 +293,7 @@ def install_agents(
                         pending.extend(await _send_late(topics, env_codec, outcome.late))
                     # close after every message: lateness must not depend on batching
                     pending.extend(await _emit(topics, win_codec, pw))
-                    if pw.closed_wm is None or outcome.release_at > pw.closed_wm:
-                        msg.incref()  # held until its windows close (see WindowState)
-                        state.held[part].append((msg.offset, outcome.release_at, msg))
+                    state.held[part].append((msg.offset, outcome.release_at, msg))
                 await settle(pending)
                 for part in touched:
                     persist_and_release(part)

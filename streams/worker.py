@@ -7,8 +7,10 @@ import faust
 from metering.config import Settings
 from streams.agents import WindowState, install_agents
 from streams.app import create_app
+from streams.quota_agent import install_quota_agent
 from streams.tables import declare_tables
 from streams.topics import declare_topics
+from streams.views import install_views
 
 __all__ = ["build_worker", "run_worker"]
 
@@ -19,6 +21,8 @@ def build_worker(settings: Settings, bootstrap_servers: str) -> tuple[faust.App,
     topics = declare_topics(app, settings)
     tables = declare_tables(app, settings)
     state = install_agents(app, topics, tables, settings)
+    quota = install_quota_agent(app, topics, settings)
+    install_views(app, topics, settings, state, quota)
     return app, state
 
 
