@@ -27,12 +27,16 @@ system-venv:
 	  else echo "missing: the venv module. Install it with: sudo apt-get install python3-venv" >&2; exit 1; fi; \
 	fi
 
-# The test suite runs a real ClickHouse server (Debian's clickhouse-server, native protocol).
+# The test suite runs real servers: ClickHouse (Debian's clickhouse-server, native protocol)
+# and Prometheus (Debian's prometheus, for the container producer's tests).
+SYSTEM_PACKAGES := clickhouse-server:/usr/sbin/clickhouse-server prometheus:/usr/bin/prometheus
 system-deps:
-	@if ! command -v clickhouse-server >/dev/null && [ ! -x /usr/sbin/clickhouse-server ]; then \
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do pkg=$${entry%%:*}; path=$${entry#*:}; \
+	  command -v $$pkg >/dev/null || [ -x $$path ] || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clickhouse-server; \
-	  else echo "missing: clickhouse-server. Install it with: sudo apt-get install clickhouse-server" >&2; exit 1; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "missing:$$missing. Install with: sudo apt-get install$$missing" >&2; exit 1; fi; \
 	fi
 
 demo: $(STAMP)

@@ -8,7 +8,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from metering.config import Settings, load_settings
 from metering.errors import ConfigError, MeteringError
@@ -89,21 +90,38 @@ def _cmd_receiver(settings: Settings, args: argparse.Namespace) -> None:
 def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> None:
     from metering import topics
     from producers import EnvelopePublisher
-    from producers.simulators import VmSimulator
+    from producers.simulators import ContainerSimulator, RedisEnterpriseSimulator, VmSimulator
 
-    sim = VmSimulator(tenants=args.tenants, vms_per_tenant=args.vms, seed=args.seed)
+    batches: Iterable[list[dict[str, Any]]]
+    if args.source == "vm":
+        vm = VmSimulator(tenants=args.tenants, vms_per_tenant=args.vms, seed=args.seed)
+        start = _aligned_start(args.ticks, vm.interval_ms)
+        batches, source = vm.run(start, args.ticks, disorder=args.disorder), "vm"
+    elif args.source == "redis-enterprise":
+        re_ = RedisEnterpriseSimulator(clusters=args.tenants, seed=args.seed)
+        batches = re_.run(_aligned_start(args.ticks, re_.interval_ms), args.ticks)
+        source = "redis-enterprise"
+    else:
+        ct = ContainerSimulator(tenants=args.tenants, containers_per_tenant=args.vms, seed=args.seed)
+        batches = ct.run(_aligned_start(args.ticks, ct.interval_ms), args.ticks)
+        source = "containers"
     pub = EnvelopePublisher(
-        _bootstrap(settings), settings.topic(topics.SOURCE_TOPICS["vm"]), source="vm",
-        producer_name="vm-simulator",
+        _bootstrap(settings), settings.topic(topics.SOURCE_TOPICS[source]), source=source,
+        producer_name=f"{args.source}-simulator",
     )
-    start = int(time.time() * 1000) - args.ticks * sim.interval_ms
-    start -= start % sim.interval_ms
     n = 0
-    for batch in sim.run(start, args.ticks, disorder=args.disorder):
-        pub.send(batch)
-        n += len(batch)
+    for batch in batches:
+        if batch:
+            pub.send(batch)
+            n += len(batch)
     pub.flush()
     print(f"published {n} samples")
+
+
+def _aligned_start(ticks: int, interval_ms: int) -> int:
+    # the run ends now, so its windows close by wall clock in a live pipeline
+    start = int(time.time() * 1000) - ticks * interval_ms
+    return start - start % interval_ms
 
 
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> None:
@@ -123,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=_cmd_broker)
 
     sub.add_parser("topics", help="create the pipeline's topics").set_defaults(fn=_cmd_topics)
+
+    from metering.quota_cli import add_quota_parser
+
+    add_quota_parser(sub)
 
     w = sub.add_parser("worker", help="run the Faust stream worker")
     w.add_argument("--loglevel", default="warning")
@@ -148,10 +170,23 @@ def _parser() -> argparse.ArgumentParser:
     track_server.build_parser_args(tr)
     tr.set_defaults(fn=track_server.run_from_args)
 
+    from producers import containers, redis_enterprise
+
+    prod = sub.add_parser("produce", help="run a usage producer")
+    producers_sub = prod.add_subparsers(dest="producer", required=True)
+    re_ = producers_sub.add_parser(
+        "redis-enterprise", help="poll a Redis Enterprise cluster's REST API")
+    redis_enterprise.build_parser_args(re_)
+    re_.set_defaults(fn=redis_enterprise.run_from_args)
+    ct = producers_sub.add_parser(
+        "containers", help="cAdvisor usage from Prometheus or a /metrics endpoint")
+    containers.build_parser_args(ct)
+    ct.set_defaults(fn=containers.run_from_args)
+
     sim = sub.add_parser("simulate", help="publish simulated usage")
-    sim.add_argument("source", choices=["vm"])
-    sim.add_argument("--tenants", type=int, default=3)
-    sim.add_argument("--vms", type=int, default=2)
+    sim.add_argument("source", choices=["vm", "redis-enterprise", "containers"])
+    sim.add_argument("--tenants", type=int, default=3, help="tenants (clusters for Redis)")
+    sim.add_argument("--vms", type=int, default=2, help="VMs (containers) per tenant")
     sim.add_argument("--ticks", type=int, default=30)
     sim.add_argument("--disorder", type=float, default=0.1)
     sim.add_argument("--seed", type=int, default=42)
