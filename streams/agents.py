@@ -286,6 +286,10 @@ def install_agents(
                         state.held[part].append((msg.offset, 0, msg))
                         continue
                     outcome = pw.add(msg.offset, env["records"], env["watermark_ms"])
+                    if outcome.late_counted and outcome.replayed:
+                        log.info("windows: replay of %s[%d]@%d counted %d late samples (closed_wm "
+                                 "%s then; envelope %s)", msg.topic, part, msg.offset,
+                                 outcome.late_counted, outcome.decided_with, env.get("envelope_id"))
                     if outcome.late:
                         log.info("windows: %d late samples in %s[%d]@%d (closed_wm %s, replay %s, "
                                  "last %s)", len(outcome.late), msg.topic, part, msg.offset,

@@ -94,6 +94,8 @@ class MessageOutcome:
     release_at: int  # the message may be acked once closed_wm >= release_at
     duplicates: int = 0
     replayed: bool = False
+    late_counted: int = 0  # late samples counted on a carrier (in a replay too)
+    decided_with: int | None = None  # the closed_wm the lateness was judged against
 
 
 class PartitionWindows:
@@ -143,20 +145,24 @@ class PartitionWindows:
 
     def snapshot(self, min_held_offset: int | None) -> dict[str, Any]:
         """The state to save durably after a batch; log entries below the oldest held message
-        are folded into a baseline (every window those messages touched is closed)."""
-        self._log(self.last_offset, self.closed_wm)
+        are folded into a baseline (every window those messages touched is closed).
+
+        While a replay is still under way the restored decisions stand: ``closed_wm`` is the
+        value reached at the *saved* last offset, so it is neither logged at the current
+        (earlier) offset nor is the saved last offset lowered — either would make the next
+        restart judge the replayed messages against a watermark they never saw.
+        """
+        replaying = self.replaying
+        if not replaying:
+            self._log(self.last_offset, self.closed_wm)
+        last_offset = max(self.last_offset, self._replay_until) if replaying else self.last_offset
         exact_from = min_held_offset if min_held_offset is not None else self.last_offset + 1
-        if min_held_offset is not None:
-            cut = bisect.bisect_left(self._log_offsets, min_held_offset)
-            if cut:
-                self._base_wm = self._log_values[cut - 1]
-                del self._log_offsets[:cut], self._log_values[:cut]
-        else:
-            self._base_wm = self.closed_wm
-            self._log_offsets.clear()
-            self._log_values.clear()
+        cut = bisect.bisect_left(self._log_offsets, exact_from)
+        if cut:
+            self._base_wm = self._log_values[cut - 1]
+            del self._log_offsets[:cut], self._log_values[:cut]
         return {
-            "last_offset": self.last_offset,
+            "last_offset": last_offset,
             "closed_wm": self.closed_wm,
             "max_event_ms": self.max_event_ms,
             "promised_ms": self.promised_ms,
@@ -212,7 +218,7 @@ class PartitionWindows:
             return MessageOutcome(late=[], release_at=0, replayed=True)
         closed = self._closed_wm_before(offset) if replay else self.closed_wm
         final = self._final_wm if replay else None
-        out = MessageOutcome(late=[], release_at=0, replayed=replay)
+        out = MessageOutcome(late=[], release_at=0, replayed=replay, decided_with=closed)
         sizes = self.config.sizes_ms
         ids = self.ids
         for r in records:
@@ -232,6 +238,7 @@ class PartitionWindows:
                     if final is not None and carrier + size <= final:
                         continue  # counted in a window emitted before the crash
                     self._window(size, tenant, carrier).late += 1
+                    out.late_counted += 1
                     out.release_at = max(out.release_at, carrier + size)
                     continue
                 if final is not None and end <= final:

@@ -134,7 +134,8 @@ def test_sigkill_and_restart_gives_the_uninterrupted_windows(
         result = windows(s, expect=len(baseline))
     finally:
         w.stop()
-    assert differences(result, baseline) == []
+    diffs = differences(result, baseline)
+    assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs)
     assert w.log_path.read_text().count("Worker ready") >= 2  # the restarted worker did the rest
 
 
@@ -151,6 +152,7 @@ def test_two_workers_in_one_group_give_one_workers_windows(
     finally:
         a.stop()
         b.stop()
-    assert differences(result, baseline) == []
+    diffs = differences(result, baseline)
+    assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs)
     logs = a.log_path.read_text() + b.log_path.read_text()
     assert "windows" in logs
