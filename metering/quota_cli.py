@@ -15,11 +15,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from metering import topics as names
 from metering.config import Settings
 from metering.errors import ConfigError, MeteringError
+from metering.topics import ensure_topics
 from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS
 from streams.quotas import (
     ADDITIVE_AGGREGATIONS,
@@ -60,30 +60,13 @@ def _bootstrap(settings: Settings, bootstrap: str | None) -> str:
 
 def ensure_quota_topics(settings: Settings, bootstrap: str | None = None, timeout: float = 30.0) -> None:
     """Create ``quota.limits`` (compacted) and ``quota.alerts`` when missing; idempotent."""
-    servers = _bootstrap(settings, bootstrap)
-    admin = AdminClient({"bootstrap.servers": servers})
-    try:
-        existing = set(admin.list_topics(timeout=timeout).topics)
-    except KafkaException as exc:
-        raise MeteringError(f"cannot reach Kafka at {servers}: {exc}") from exc
-    wanted = [
-        NewTopic(settings.topic(name), num_partitions=settings.topic_partitions,
-                 replication_factor=settings.topic_replication_factor, config=config)
-        for name, config in ((LIMITS_TOPIC, {"cleanup.policy": "compact"}), (names.ALERTS, {}))
-        if settings.topic(name) not in existing
-    ]
-    if not wanted:
-        return
-    for name, fut in admin.create_topics(wanted, request_timeout=timeout).items():
-        try:
-            fut.result(timeout)
-        except KafkaException as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                raise MeteringError(f"cannot create topic {name}: {exc}") from exc
+    ensure_topics(settings, _bootstrap(settings, bootstrap), timeout, only=[LIMITS_TOPIC, names.ALERTS])
 
 
-def _check_quotable(metric: str) -> None:
-    agg = DEFAULT_METRIC_AGGREGATIONS.get(metric, "sum")
+def _check_quotable(metric: str, settings: Settings | None = None) -> None:
+    # the worker aggregates with the configured table, so judge with it too
+    table = (settings.metric_aggregations if settings is not None else None) or DEFAULT_METRIC_AGGREGATIONS
+    agg = table.get(metric, "sum")
     if metric != SCORE_METRIC and agg not in ADDITIVE_AGGREGATIONS:
         raise QuotaError(
             f"metric {metric!r} is aggregated with {agg!r}, which does not add up across windows; "
@@ -127,7 +110,7 @@ def set_limit(
     """Publish a limit (validated; ``tenant`` ``*`` sets the default of every tenant) and wait
     until Kafka acknowledged it. Raises QuotaError for an invalid limit, MeteringError when
     Kafka does not take it."""
-    _check_quotable(metric)
+    _check_quotable(metric, settings)
     lim = make_limit(tenant, metric, period, limit, thresholds, set_at_ms=int(time.time() * 1000))
     if lim.limit is None:
         raise QuotaError("a limit is needed; use remove_limit to remove one")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
@@ -56,8 +57,12 @@ ALL_TOPICS = [TopicSpec(t) for t in SOURCE_TOPICS.values()] + [
 ]
 
 
-def ensure_topics(settings: Settings, bootstrap_servers: str, timeout: float = 30.0) -> None:
-    """Create every topic the pipeline uses with ``TOPIC_PARTITIONS`` partitions; idempotent."""
+def ensure_topics(
+    settings: Settings, bootstrap_servers: str, timeout: float = 30.0, only: Iterable[str] | None = None
+) -> None:
+    """Create every topic the pipeline uses (or the logical names in ``only``) with
+    ``TOPIC_PARTITIONS`` partitions; idempotent."""
+    chosen = set(only) if only is not None else None
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
     try:
         existing = set(admin.list_topics(timeout=timeout).topics)
@@ -71,7 +76,7 @@ def ensure_topics(settings: Settings, bootstrap_servers: str, timeout: float = 3
             config={"cleanup.policy": "compact"} if spec.compacted else {},
         )
         for spec in ALL_TOPICS
-        if settings.topic(spec.name) not in existing
+        if settings.topic(spec.name) not in existing and (chosen is None or spec.name in chosen)
     ]
     if not wanted:
         return

@@ -9,10 +9,11 @@ What is counted
     which 60 s, 300 s, 3600 s ... do).
 
     Only additive aggregations add up across windows exactly: a metric aggregated with
-    ``sum`` or ``count`` is quotable, and so is the pseudo-metric ``score`` (the window's
-    billing score; billing sums scores). ``max``, ``latest``, ``unique_count`` and
-    ``resource_mean`` are not (the monthly "sum" of hourly maxima or means means nothing),
-    so a limit on such a metric never fires; the quota view lists them as not quotable.
+    ``sum``, ``count`` or ``time_weighted`` (value x seconds) is quotable, and so is the
+    pseudo-metric ``score`` (the window's billing score; billing sums scores). ``max``,
+    ``latest``, ``unique_count`` and ``resource_mean`` are not (the monthly "sum" of hourly
+    maxima or means means nothing), so a limit on such a metric never fires; the quota view
+    lists them as not quotable.
     A real metric named ``score`` is shadowed by the pseudo-metric.
 
 Exactly once
@@ -88,10 +89,10 @@ __all__ = [
 ]
 
 #: the compacted topic of run-time limits (``metering.topics.LIMITS`` once it is declared there)
-LIMITS_TOPIC: str = getattr(_topic_names, "LIMITS", "quota.limits")
+LIMITS_TOPIC: str = _topic_names.LIMITS
 PERIODS: tuple[str, ...] = ("day", "month")
 SCORE_METRIC = "score"
-ADDITIVE_AGGREGATIONS = frozenset({"sum", "count"})
+ADDITIVE_AGGREGATIONS = frozenset({"sum", "count", "time_weighted"})  # value x seconds adds up too
 DEFAULT_THRESHOLDS: tuple[int, ...] = (80, 100)
 ANY_TENANT = "*"
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
 from metering.embedded.ports import free_port
+from metering.embedded.process import ServerProcess
 from metering.errors import EmbeddedServerError
 
 __all__ = ["ClickHouseServer", "clickhouse_server_binary"]
@@ -56,7 +55,7 @@ def clickhouse_server_binary() -> str:
     return found
 
 
-class ClickHouseServer:
+class ClickHouseServer(ServerProcess):
     """A ClickHouse server process with a private config and data directory."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
@@ -106,29 +105,3 @@ class ClickHouseServer:
                 last = exc
                 time.sleep(0.2)
         raise EmbeddedServerError(f"clickhouse-server on port {self.tcp_port} not ready: {last}")
-
-    def stop(self) -> None:
-        """Stop the server; data stays in ``root`` so :meth:`start` can bring it back."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def cleanup(self) -> None:
-        """Stop and remove the data directory when this object created it."""
-        self.stop()
-        if self._own_root:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> ClickHouseServer:
-        return self.start()
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.cleanup()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -22,10 +21,10 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from metering.embedded.ports import free_port
+from metering.embedded.process import ServerProcess
 from metering.errors import EmbeddedServerError
 
 __all__ = ["PrometheusServer", "prometheus_binary"]
@@ -48,7 +47,7 @@ def _duration(seconds: float) -> str:
     return f"{max(1, round(seconds * 1000))}ms"
 
 
-class PrometheusServer:
+class PrometheusServer(ServerProcess):
     """A Prometheus process scraping ``targets`` (``host:port``) with a private config."""
 
     def __init__(
@@ -164,29 +163,3 @@ class PrometheusServer:
             f"prometheus did not scrape {self.targets} within {timeout}s (up: {up}); "
             f"log: {self._log_tail()}"
         )
-
-    def stop(self) -> None:
-        """Stop the server; the TSDB stays in ``root``."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    def cleanup(self) -> None:
-        """Stop and remove the data directory when this object created it."""
-        self.stop()
-        if self._own_root:
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> PrometheusServer:
-        return self.start()
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.cleanup()

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 from clickhouse_driver import Client
-from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from metering.config import Settings
@@ -26,35 +25,10 @@ from metering.embedded import ClickHouseServer, free_port
 from producers.client import BufferFullError, InvalidUsageError, MeteringClient
 from producers.errors import PublishError
 from producers.track_server import TrackServer
-from schemas import envelope_codec
+from tests.producers.kafka_reader import consume
 from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
-
-
-def consume(bootstrap: str, topic: str, n: int, timeout: float = 20.0) -> list[tuple[bytes, dict[str, Any]]]:
-    """(key, record) pairs from every partition of ``topic``, until ``n`` arrived (+ grace)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader", "log_level": 0,
-                         "enable.auto.commit": False})
-    md = consumer.list_topics(topic, timeout=10)
-    consumer.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
-    codec = envelope_codec()
-    out: list[tuple[bytes, dict[str, Any]]] = []
-    deadline = time.monotonic() + timeout
-    grace: float | None = None
-    try:
-        while time.monotonic() < deadline:
-            if len(out) >= n and grace is None:
-                grace = time.monotonic() + 0.7
-            if grace is not None and time.monotonic() > grace:
-                break
-            msg = consumer.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            out.extend((msg.key() or b"", r) for r in codec.decode(msg.value() or b"")["records"])
-    finally:
-        consumer.close()
-    return out
 
 
 def sample(registry: CollectorRegistry, name: str, status: str, amount_type: str) -> float:

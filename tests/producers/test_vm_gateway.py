@@ -14,14 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from metering.config import Settings, load_settings
 from metering.embedded import TansuBroker
 from metering.topics import ensure_topics
 from producers.simulators.metald import MetaldSimulator, rfc3339_ns
 from producers.vm_gateway import VmGateway
-from schemas import envelope_codec
+from tests.producers.kafka_reader import consume
 
 pytestmark = pytest.mark.integration
 
@@ -30,33 +29,6 @@ S = 10**9  # one second in nanoseconds
 
 
 # ---- helpers -------------------------------------------------------------------------------
-
-
-def consume(bootstrap: str, topic: str, n: int, timeout: float = 20.0) -> list[tuple[bytes, dict[str, Any]]]:
-    """Read (key, record) pairs from every partition of ``topic`` until ``n`` arrived (then a
-    short grace period, so extra records would show)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader", "log_level": 0,
-                         "enable.auto.commit": False})
-    md = consumer.list_topics(topic, timeout=10)
-    consumer.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
-    codec = envelope_codec()
-    out: list[tuple[bytes, dict[str, Any]]] = []
-    deadline = time.monotonic() + timeout
-    grace: float | None = None
-    try:
-        while time.monotonic() < deadline:
-            if len(out) >= n and grace is None:
-                grace = time.monotonic() + 0.7
-            if grace is not None and time.monotonic() > grace:
-                break
-            msg = consumer.poll(0.2)
-            if msg is None or msg.error():
-                continue
-            env = codec.decode(msg.value() or b"")
-            out.extend((msg.key() or b"", r) for r in env["records"])
-    finally:
-        consumer.close()
-    return out
 
 
 def by_id(pairs: list[tuple[bytes, dict[str, Any]]]) -> dict[str, tuple[bytes, dict[str, Any]]]:
