@@ -65,6 +65,9 @@ class WindowState:
     partitions: dict[int, PartitionWindows] = field(default_factory=dict)
     held: dict[int, list[tuple[int, int, Any]]] = field(default_factory=dict)
     last_seen: dict[int, float] = field(default_factory=dict)
+    seeking: dict[int, int] = field(default_factory=dict)  # partition -> offset sought back to
+    redelivered: int = 0
+    _last_redelivery: dict[int, int] = field(default_factory=dict)
 
     def of(self, partition: int, saved: Any, ids: EventIdFilter | None = None) -> PartitionWindows:
         """The windows of one input partition, restored from ``saved`` on first use."""
@@ -83,6 +86,25 @@ class WindowState:
             self.partitions.pop(p, None)
             self.held.pop(p, None)
             self.last_seen.pop(p, None)
+            self.seeking.pop(p, None)
+
+    def note_redelivery(self, topic: str, partition: int, offset: int) -> None:
+        """Count a message delivered again; logged once per burst."""
+        self.redelivered += 1
+        if self._last_redelivery.get(partition) != offset - 1:
+            log.info("windows: %s[%d]@%d delivered again; already counted, skipped",
+                     topic, partition, offset)
+        self._last_redelivery[partition] = offset
+
+    async def seek_back(self, app: faust.App, tp: Any, offset: int) -> None:
+        """Seek a partition back to ``offset`` once (later messages of the same fetch are
+        skipped until the re-read reaches them)."""
+        if self.seeking.get(tp.partition) == offset:
+            return
+        self.seeking[tp.partition] = offset
+        log.info("windows: %s[%d] restored state needs offset %d first; seeking back",
+                 tp.topic, tp.partition, offset)
+        await app.consumer.seek(tp, offset)
 
 
 class RecentlyEncoded:
@@ -269,12 +291,21 @@ def install_agents(
                     part = msg.partition
                     pw = state.of(part, table.data.get(f"p{part}"), window_ids.get(part))
                     if msg.offset <= pw.last_offset:
-                        # the consumer was rewound (a rebalance seeks to the committed offset):
-                        # start over from the saved state, as a restarted worker would
-                        log.info("windows: %s[%d] rewound to %d; replaying from saved state",
-                                 msg.topic, part, msg.offset)
-                        state.forget([part])
-                        pw = state.of(part, table.data.get(f"p{part}"), window_ids.get(part))
+                        # delivered again while this worker kept the partition (Faust seeks to
+                        # the committed offset after recovery; a fetch can be repeated): the
+                        # live state already counts it. The copy is held for good, so its
+                        # automatic ack cannot ack the offset before the original is released.
+                        msg.incref()
+                        state.note_redelivery(msg.topic, part, msg.offset)
+                        continue
+                    resume = pw.resume_from
+                    if resume is not None and msg.offset > resume:
+                        # restored from a snapshot, but input starts past the first message the
+                        # snapshot still needs (a fetch from before the rebalance's seek):
+                        # read the partition again from there, and skip what comes before it
+                        msg.incref()
+                        await state.seek_back(app, msg.tp, resume)
+                        continue
                     touched.add(part)
                     # every message is held and released in offset order (see persist_and_release)
                     msg.incref()

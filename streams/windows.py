@@ -199,6 +199,14 @@ class PartitionWindows:
         return max(candidates) if candidates else None
 
     @property
+    def resume_from(self) -> int | None:
+        """Restored and nothing processed yet: the first offset the restored state needs
+        (input must start at or before it); None otherwise."""
+        if self.last_offset < 0 and self._exact_from >= 0:
+            return self._exact_from
+        return None
+
+    @property
     def replaying(self) -> bool:
         """True while re-reading input that was processed before a restart."""
         return self.last_offset < self._replay_until
