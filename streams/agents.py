@@ -38,6 +38,7 @@ __all__ = ["WindowState", "install_agents"]
 log = logging.getLogger(__name__)
 
 TAKE_MAX = 500
+NORMALIZE_TAKE_MAX = 100
 TAKE_WITHIN = 0.2
 
 
@@ -116,6 +117,19 @@ class RecentlyEncoded:
         self._items: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
         self._max_records = max_records
         self._records = 0
+        self._taken = asyncio.Event()
+
+    async def room(self, timeout: float) -> None:
+        """Wait (at most ``timeout`` seconds) until the window stage has taken enough that
+        the next batch fits: with a backlog the normalizer would otherwise run so far ahead
+        that everything is evicted before it is taken, and the window stage decodes again."""
+        if self._records <= self._max_records // 2:
+            return
+        self._taken.clear()
+        try:
+            await asyncio.wait_for(self._taken.wait(), timeout)
+        except TimeoutError:
+            pass  # the window stage is elsewhere (another worker) or slow: evict instead
 
     def put(self, payload: bytes, envelope: dict[str, Any]) -> None:
         """Remember a published payload and its decoded form."""
@@ -132,6 +146,8 @@ class RecentlyEncoded:
         env = self._items.pop(payload, None) if payload else None
         if env is not None:
             self._records -= len(env["records"])
+            if self._records <= self._max_records // 2:
+                self._taken.set()
         return env
 
 
@@ -189,7 +205,10 @@ def install_agents(
 
     @app.agent(topics.sources, name="normalize")
     async def normalize(stream: Any) -> None:  # faust.Stream: StreamT lacks take_events
-        async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+        # fewer messages per batch than the window stage: source envelopes carry hundreds of
+        # records each, and a batch must fit the cache of what was just encoded
+        async for events in stream.take_events(NORMALIZE_TAKE_MAX, within=TAKE_WITHIN):
+            await recent.room(timeout=1.0)
             pending: list[Awaitable[Any]] = []
             try:
                 touched: dict[int, int] = {}  # partition -> first offset in this batch

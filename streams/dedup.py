@@ -2,7 +2,7 @@
 
 Producers retry with the same event_id (the client library's unique_key, the VM gateway's
 batch identity), so the normalizer drops an event_id it has already passed on. Ids are kept
-as 8-byte BLAKE2b digests in hourly buckets of the envelope's ``sent_at_ms`` (deterministic
+as 64-bit XXH3 digests in hourly buckets of the envelope's ``sent_at_ms`` (deterministic
 on replay, unlike the wall clock); a bucket older than the horizon is forgotten whole.
 
 Replays. A filter used on one ordered input (the window stage reads one partition of
@@ -18,9 +18,10 @@ a duplicate downstream, never a loss; the window stage also drops duplicates per
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any
+
+from xxhash import xxh3_64_intdigest
 
 __all__ = ["EventIdFilter", "TableBackedFilters", "digest", "saved_entries"]
 
@@ -28,8 +29,11 @@ _BUCKET_MS = 3_600_000
 
 
 def digest(event_id: str) -> int:
-    """A stable 64-bit digest of an event id (Python's own str hash is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "big")
+    """A stable 64-bit digest of an event id (Python's own str hash is salted per process).
+
+    XXH3: about ten times cheaper than an 8-byte BLAKE2b, which was a tenth of the stream
+    stage's time; not cryptographic, which dedup does not need (ids come from our producers)."""
+    return xxh3_64_intdigest(event_id.encode())
 
 
 class EventIdFilter:
