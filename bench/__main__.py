@@ -10,7 +10,9 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-BENCHMARKS = ["bench.client_latency", "bench.stream_throughput", "bench.clickhouse_sink"]
+BENCHMARKS = [
+    "bench.client_latency", "bench.codec_decode", "bench.stream_throughput", "bench.clickhouse_sink",
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

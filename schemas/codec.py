@@ -11,10 +11,10 @@ import io
 import json
 import struct
 from collections.abc import Callable, Mapping
-from decimal import Decimal
+from decimal import Context, Decimal
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import fastavro
 from fastavro.schema import to_parsing_canonical_form
@@ -98,6 +98,192 @@ def load_schema(full_name: str) -> Any:
         raise CodecError(f"unknown schema {full_name!r}") from exc
 
 
+#: Values fastavro reads for a schema without decimal logical types are turned into what it reads with them
+#: by one of these (records and maps are fixed in place and returned).
+_Fix = Callable[[Any], Any]
+
+_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+
+_from_bytes = int.from_bytes
+
+
+class _Scale(NamedTuple):
+    """How fastavro's ``read_decimal`` turns the unscaled integer of one decimal schema into a Decimal."""
+
+    create: Callable[[int], Decimal]  # Context.create_decimal of `context`
+    exponent: int
+    context: Context
+
+
+class _RecordPlan(NamedTuple):
+    """The fields of a record to fix: plain decimal fields apart, so loops can convert them inline."""
+
+    decimals: list[tuple[str, _Scale]]
+    others: list[tuple[str, _Fix]]
+
+
+class _NamedReference(Exception):
+    """A schema refers to a named type by name; stripping could change what the name resolves to."""
+
+
+def _scale(precision: int, scale: int) -> _Scale:
+    # fastavro's read_decimal sets the precision on a module-wide Context() before every value and
+    # returns create_decimal(unscaled).scaleb(-scale); a Context of our own with that precision gives
+    # the same digits, exponent and (beyond `precision` digits only) rounding
+    context = Context(prec=precision)
+    return _Scale(context.create_decimal, -scale, context)
+
+
+def _decimal_fix(scale: _Scale) -> _Fix:
+    create, exponent, context = scale
+
+    def fix(raw: bytes) -> Decimal:
+        return create(_from_bytes(raw, "big", signed=True)).scaleb(exponent, context)
+
+    return fix
+
+
+def _record_fix(plan: _RecordPlan) -> _Fix:
+    decimals, others = plan
+
+    def fix(record: dict[str, Any]) -> dict[str, Any]:
+        for name, (create, exponent, context) in decimals:
+            record[name] = create(_from_bytes(record[name], "big", signed=True)).scaleb(exponent, context)
+        for name, fix_field in others:
+            record[name] = fix_field(record[name])
+        return record
+
+    return fix
+
+
+def _records_fix(plan: _RecordPlan) -> _Fix:
+    """Fix an array of records in place (no second list of hundreds of items per envelope).
+
+    This is the hot loop of envelope decoding, so the common shapes convert inline, without a
+    call per record.
+    """
+    decimals, others = plan
+    if len(decimals) == 1 and not others:
+        ((name, (create, exponent, context)),) = decimals
+
+        def fix_one_decimal(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            for record in records:
+                record[name] = create(_from_bytes(record[name], "big", signed=True)).scaleb(exponent, context)
+            return records
+
+        return fix_one_decimal
+    fix_record = _record_fix(plan)
+
+    def fix(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for record in records:
+            fix_record(record)
+        return records
+
+    return fix
+
+
+def _array_fix(fix_item: _Fix) -> _Fix:
+    def fix(items: list[Any]) -> list[Any]:
+        return [fix_item(item) for item in items]
+
+    return fix
+
+
+def _map_fix(fix_value: _Fix) -> _Fix:
+    def fix(values: dict[str, Any]) -> dict[str, Any]:
+        for key, value in values.items():
+            values[key] = fix_value(value)  # replacing values while iterating is safe, the size stays
+        return values
+
+    return fix
+
+
+def _nullable_fix(fix_value: _Fix) -> _Fix:
+    def fix(value: Any) -> Any:
+        return None if value is None else fix_value(value)
+
+    return fix
+
+
+def _strip_decimals(schema: Any) -> tuple[Any, _Fix | _Scale | _RecordPlan | None]:
+    """A copy of an expanded schema without ``bytes`` decimal logical types, and how to fix its values.
+
+    The copy has the same wire format; the fix (a _Scale for a decimal, a _RecordPlan for a record,
+    else a _Fix; None: nothing to fix) turns what fastavro reads with the copy into exactly what it
+    reads with ``schema``. Decimals whose values could not be told apart after reading (say in a
+    union with other bytes branches) keep their logical type, so fastavro still converts those.
+    """
+    if isinstance(schema, str):
+        if schema not in _PRIMITIVES:
+            raise _NamedReference(schema)
+        return schema, None
+    if isinstance(schema, list):
+        branches = [_strip_decimals(branch) for branch in schema]
+        fixes = [(i, fix) for i, (_, fix) in enumerate(branches) if fix is not None]
+        # only ["null", X]-like unions: a None is the null branch, anything else the other one
+        if len(fixes) == 1 and all(branch == "null" for i, branch in enumerate(schema) if i != fixes[0][0]):
+            return [stripped for stripped, _ in branches], _nullable_fix(_as_fix(fixes[0][1]))
+        return schema, None
+    kind = schema["type"]
+    if kind == "bytes" and schema.get("logicalType") == "decimal":
+        precision, scale = schema.get("precision"), schema.get("scale", 0)
+        if isinstance(precision, int) and isinstance(scale, int) and 0 <= scale <= precision:
+            return {k: v for k, v in schema.items() if k != "logicalType"}, _scale(precision, scale)
+        return schema, None
+    if kind in ("record", "error"):
+        fields: list[Any] = []
+        plan = _RecordPlan([], [])
+        for field in schema["fields"]:
+            stripped, fix = _strip_decimals(field["type"])
+            fields.append({**field, "type": stripped})
+            if isinstance(fix, _Scale):
+                plan.decimals.append((field["name"], fix))
+            elif fix is not None:
+                plan.others.append((field["name"], _as_fix(fix)))
+        if not plan.decimals and not plan.others:
+            return schema, None
+        return {**schema, "fields": fields}, plan
+    if kind == "array":
+        items, fix = _strip_decimals(schema["items"])
+        if fix is None:
+            return schema, None
+        array_fix = _records_fix(fix) if isinstance(fix, _RecordPlan) else _array_fix(_as_fix(fix))
+        return {**schema, "items": items}, array_fix
+    if kind == "map":
+        values, fix = _strip_decimals(schema["values"])
+        if fix is None:
+            return schema, None
+        return {**schema, "values": values}, _map_fix(_as_fix(fix))
+    return schema, None
+
+
+def _as_fix(fix: _Fix | _Scale | _RecordPlan) -> _Fix:
+    if isinstance(fix, _Scale):
+        return _decimal_fix(fix)
+    if isinstance(fix, _RecordPlan):
+        return _record_fix(fix)
+    return fix
+
+
+def _fast_reader(schema: Any) -> tuple[Any, _Fix | None]:
+    """The schema the fast path reads with (parsed) and the fix of its values; see _strip_decimals."""
+    try:
+        # fastavro's bookkeeping keys would carry the original (logical) named types along
+        raw = {k: v for k, v in schema.items() if not k.startswith("__")}
+        stripped, plan = _strip_decimals(raw)
+    except _NamedReference:
+        # only recursive types keep references after expansion; not worth a fast path
+        return schema, None
+    if plan is None:
+        return schema, None
+    fix = _as_fix(plan)
+    plain = fastavro.parse_schema(stripped, named_schemas={}, expand=True)
+    # logical types are not part of the canonical form: equal forms mean equal wire formats
+    if to_parsing_canonical_form(plain) != to_parsing_canonical_form(schema):
+        return schema, None
+    return plain, fix
+
+
 class AvroCodec:
     """Encode and decode one record type.
 
@@ -121,6 +307,10 @@ class AvroCodec:
         self.registry_id = registry_id
         self._resolve_id = resolve_id
         self._writers_by_id: dict[int, Any] = {}
+        # Messages written with our own schema (nearly all) are read with a copy of it that has no
+        # decimal logical types, and the decimals converted afterwards: fastavro's per-value
+        # logical-type dispatch costs more than the conversion itself.
+        self._plain_schema, self._fix = _fast_reader(self.schema)
         if registry_id is not None:
             self._writers_by_id[registry_id] = self.schema
             self._header = struct.pack(">bI", _CONFLUENT_MAGIC, registry_id)
@@ -153,8 +343,17 @@ class AvroCodec:
             writer, offset = self._writer_for_id(schema_id), 5
         else:
             raise CodecError(f"{self.full_name}: unknown wire format (first byte {data[0]:#04x})")
+        # BytesIO shares the bytes it is given; a slice would copy the whole body
+        stream = io.BytesIO(data)
+        stream.seek(offset)
         try:
-            out = fastavro.schemaless_reader(io.BytesIO(data[offset:]), writer, self.schema)
+            if writer is self.schema:
+                # no reader schema: equal schemas need no resolution
+                out = fastavro.schemaless_reader(stream, self._plain_schema, None)
+                if self._fix is not None and isinstance(out, dict):
+                    out = self._fix(out)
+            else:
+                out = fastavro.schemaless_reader(stream, writer, self.schema)
         except Exception as exc:  # fastavro raises many types on corrupt bodies
             raise CodecError(f"{self.full_name}: corrupt body: {exc!r}") from exc
         if not isinstance(out, dict):
@@ -170,6 +369,9 @@ class AvroCodec:
                 writer = fastavro.parse_schema(self._resolve_id(schema_id), named_schemas={})
             except Exception as exc:
                 raise CodecError(f"{self.full_name}: schema id {schema_id}: {exc!r}") from exc
+            if writer == self.schema:
+                # the same schema under another id: take the fast path, no resolution needed
+                writer = self.schema
             self._writers_by_id[schema_id] = writer
         return writer
 
