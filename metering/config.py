@@ -81,6 +81,17 @@ class Settings(BaseSettings):
     sink_batch_size: int = Field(default=10_000, ge=1)
     sink_flush_seconds: float = Field(default=1.0, gt=0)
     retention_months: int = Field(default=36, ge=1)
+    spool_dir: str = Field(
+        default=".metering/spool",
+        description="Where the ClickHouse sink spools batches while ClickHouse is unreachable; "
+        "empty disables spooling.",
+    )
+    spool_max_bytes: int = Field(
+        default=1 << 30, ge=1 << 20, description="Disk budget of the spool; past it the sink pauses."
+    )
+    clickhouse_cluster: str | None = Field(
+        default=None, description="Run DDL ON CLUSTER with replicated engines (cluster mode)."
+    )
 
     worker_datadir: str = Field(default=".metering/faust")
     worker_web_port: int = Field(default=6066, ge=0, le=65535)

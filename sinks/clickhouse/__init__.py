@@ -1,4 +1,5 @@
-"""The ClickHouse sink: backends (native server or in-process chdb), migrations, the sink."""
+"""The ClickHouse sink: backends (native server or in-process chdb), migrations, the sink,
+its spool and retention."""
 
 from sinks.clickhouse.backends import (
     ChdbBackend,
@@ -8,8 +9,10 @@ from sinks.clickhouse.backends import (
     NativeBackend,
     backend_from_settings,
 )
-from sinks.clickhouse.migrations import migrate
-from sinks.clickhouse.sink import ClickHouseSink
+from sinks.clickhouse.migrations import migrate, render_statement
+from sinks.clickhouse.retention import drop_expired_partitions
+from sinks.clickhouse.sink import ClickHouseSink, SpoolStats
+from sinks.clickhouse.spool import Spool, SpoolCorruptError, SpoolFullError
 
 __all__ = [
     "ChdbBackend",
@@ -18,6 +21,12 @@ __all__ = [
     "ClickHouseError",
     "ClickHouseSink",
     "NativeBackend",
+    "Spool",
+    "SpoolCorruptError",
+    "SpoolFullError",
+    "SpoolStats",
     "backend_from_settings",
+    "drop_expired_partitions",
     "migrate",
+    "render_statement",
 ]

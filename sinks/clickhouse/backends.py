@@ -8,8 +8,8 @@ the same Python types, take the same row tuples, and raise only :mod:`sinks.erro
 :class:`ClickHouseError` for everything else (a bug or a schema problem: retrying won't help).
 
 Values: ``Decimal`` stays ``decimal.Decimal`` end to end (never a float), ``DateTime`` is a
-naive ``datetime`` in UTC (aware ones are accepted on insert), ``Date`` is ``date``, arrays
-are lists.
+naive ``datetime`` in UTC (aware ones are accepted on insert, and so are ``int`` epoch
+seconds, which skip a conversion per value), ``Date`` is ``date``, arrays are lists.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _short(text: str, limit: int = 800) -> str:
 
 def _sql_head(sql: str) -> str:
     # never put inserted data into an error message, only what the statement was
-    return " ".join(sql.split("\n", 1)[0].split())[:200]
+    return " ".join(sql.strip().split("\n", 1)[0].split())[:200]
 
 
 def _classify(code: int | None, message: str) -> SinkError:
@@ -149,6 +149,17 @@ class ClickHouseBackend(ABC):
         self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
     ) -> None:
         """Insert row tuples (values in ``columns`` order) as ONE INSERT statement."""
+
+    def insert_columns(
+        self, table: str, columns: Sequence[str], data: Sequence[Sequence[Any]]
+    ) -> None:
+        """Insert column lists (``data[i]`` holds column ``columns[i]``) as ONE INSERT.
+
+        The default transposes to rows; a backend whose protocol is columnar overrides it.
+        """
+        if len(data) != len(columns):
+            raise ValueError(f"{len(data)} column lists for {len(columns)} columns")
+        self.insert(table, columns, list(zip(*data, strict=True)))
 
     @abstractmethod
     def close(self) -> None:
@@ -253,11 +264,25 @@ class NativeBackend(ClickHouseBackend):
         """One INSERT; sent column-wise, which the driver encodes much faster than rows."""
         if not rows:
             return
-        cols = ", ".join(_check_identifier(c) for c in columns)
-        sql = f"INSERT INTO {_check_identifier(table)} ({cols}) VALUES"
         data = [list(col) for col in zip(*rows, strict=True)]
         if len(data) != len(columns):
             raise ValueError(f"rows have {len(data)} values, columns are {len(columns)}")
+        self.insert_columns(table, columns, data)
+
+    def insert_columns(
+        self, table: str, columns: Sequence[str], data: Sequence[Sequence[Any]]
+    ) -> None:
+        """One columnar INSERT of the column lists, as the native protocol sends them anyway.
+
+        The driver may convert values inside the lists it is given (it does for Decimal):
+        pass lists the caller will not read again.
+        """
+        if len(data) != len(columns):
+            raise ValueError(f"{len(data)} column lists for {len(columns)} columns")
+        if not data or not len(data[0]):
+            return
+        cols = ", ".join(_check_identifier(c) for c in columns)
+        sql = f"INSERT INTO {_check_identifier(table)} ({cols}) VALUES"
         self._call(sql, lambda: self._client.execute(sql, data, columnar=True))
 
     def close(self) -> None:

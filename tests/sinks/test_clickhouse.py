@@ -21,7 +21,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, To
 from metering.config import Settings
 from metering.embedded import ClickHouseServer
 from producers import EnvelopePublisher, usage_record
-from schemas import dead_letter_codec, envelope_codec, window_codec
+from schemas import (
+    dead_letter_codec,
+    encode_dead_letter,
+    envelope_codec,
+    quota_alert_codec,
+    window_codec,
+)
 from sinks.base import Batch, SinkRecord
 from sinks.clickhouse import (
     ChdbBackend,
@@ -30,18 +36,23 @@ from sinks.clickhouse import (
     ClickHouseSink,
     NativeBackend,
     backend_from_settings,
+    drop_expired_partitions,
     migrate,
+    render_statement,
 )
-from sinks.clickhouse.migrations import MIGRATIONS, Migration
+from sinks.clickhouse.migrations import MIGRATIONS, RETAINED_TABLES, Migration
+from sinks.clickhouse.retention import cutoff_month
 from sinks.clickhouse.sink import (
     RECORD_COLUMNS,
     WINDOW_COLUMNS,
     _Message,
     _plan_inserts,
+    _record_chunk,
     envelope_rows,
     window_row,
 )
 from sinks.errors import SinkUnavailableError
+from sinks.webhook import webhook_id
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +139,11 @@ def _run_sink_until(
 
 
 def _sink(settings: Settings, backend: ClickHouseBackend, **kwargs: Any) -> ClickHouseSink:
-    # a fresh group each time: only offsets stored in ClickHouse can tell a sink where to resume
+    # a fresh group each time: only offsets stored in ClickHouse can tell a sink where to resume;
+    # no spool here (tests/sinks/test_clickhouse_spool.py has those), so an outage raises;
+    # no retention: the data here sits in 2024 and must not age out as the calendar moves on
+    kwargs.setdefault("spool_dir", None)
+    kwargs.setdefault("retention_months", None)
     return ClickHouseSink.from_settings(
         settings,
         settings.kafka_bootstrap_servers or "",
@@ -237,10 +252,12 @@ def _dead_letters(
 
 
 def test_migrations_are_idempotent(backend: ClickHouseBackend) -> None:
-    assert migrate(backend) == [1, 2]
+    known = [m.version for m in MIGRATIONS]
+    assert known[:2] == [1, 2]
+    assert migrate(backend) == known
     assert migrate(backend) == []  # second run: nothing to do, nothing recorded twice
     versions = backend.query("SELECT version, name FROM schema_migrations ORDER BY version")
-    assert [v for v, _ in versions] == [1, 2]
+    assert [v for v, _ in versions] == known
     cols = {
         (table, name): typ
         for table, name, typ in backend.query(
@@ -257,12 +274,12 @@ def test_migrations_are_idempotent(backend: ClickHouseBackend) -> None:
     assert engines["usage_records"] == engines["usage_windows"] == "ReplacingMergeTree"
 
     # a later release adds a migration: only that one runs, once
-    extra = Migration(3, "create probe", (
+    extra = Migration(1000, "create probe", (
         "CREATE TABLE IF NOT EXISTS probe (x UInt8) ENGINE = MergeTree() ORDER BY x",
     ))
-    assert migrate(backend, migrations=(*MIGRATIONS, extra)) == [3]
+    assert migrate(backend, migrations=(*MIGRATIONS, extra)) == [1000]
     assert migrate(backend, migrations=(*MIGRATIONS, extra)) == []
-    assert _scalar(backend, "SELECT count() FROM schema_migrations") == 3
+    assert _scalar(backend, "SELECT count() FROM schema_migrations") == len(known) + 1
 
 
 def test_decimals_strings_and_times_round_trip_exactly(backend: ClickHouseBackend) -> None:
@@ -366,6 +383,115 @@ def test_plan_keeps_inserts_single_month_in_offset_order() -> None:
                 assert all(row in stored for _, _, row in message.rows), (k, message.offset)
 
 
+def test_whole_message_columns_equal_the_row_path_and_are_planned_whole() -> None:
+    env = {"records": [_usage_record(
+        event_id=f"e{i}", tenant_id="acme", source="vm", resource_id="r", metric="m",
+        value=TINY * i, event_time_ms=FEB_1 + i * 28_800_000,  # 8 h apart: three days
+        metadata={"b": "2", "a": "1"} if i % 2 else {}) for i in range(7)]}
+    chunk = _record_chunk(env, "t", 3, 42)
+    assert chunk is not None and chunk[0] == 202402
+    assert list(zip(*chunk[1], strict=True)) == envelope_rows(env, topic="t", partition=3, offset=42)
+    # two months, or a repeated event id: the row path handles those
+    assert _record_chunk({"records": _records("acme", 7)}, "t", 0, 0) is None
+    assert _record_chunk({"records": env["records"] + env["records"][:1]}, "t", 0, 0) is None
+
+    def whole(offset: int, month: int, n: int) -> _Message:
+        return _Message(offset, [], set(), n, (month, [[(offset, i) for i in range(n)]]))
+
+    def by_row(offset: int, months: Sequence[int]) -> _Message:
+        rows = [(m, i, ((offset, i),)) for i, m in enumerate(months)]
+        return _Message(offset, rows, set(), len(rows))
+
+    messages = [whole(0, 1, 2), by_row(1, [1, 2]), whole(2, 2, 2), whole(3, 2, 1), whole(4, 2, 5)]
+    inserts = _plan_inserts(messages, max_rows=4)
+    assert [(ins.month, ins.columns(1)[0]) for ins in inserts] == [
+        (1, [(0, 0), (0, 1), (1, 0)]),
+        (2, [(2, 0), (2, 1), (3, 0), (1, 1)]),  # whole messages first; order inside is free
+        (2, [(4, 0), (4, 1), (4, 2), (4, 3)]),  # too big for one INSERT: cut row by row
+        (2, [(4, 4)]),
+    ]
+    assert [[m.offset for m, _ in ins.segments] for ins in inserts] == [[0, 1], [1, 2, 3], [4], [4]]
+
+
+def _rollups_and_raw(backend: ClickHouseBackend) -> list[tuple[Any, Any]]:
+    """(rollup, the same sums over usage_records) per rollup table, no FINAL anywhere."""
+    out = []
+    for table, period in (("usage_rollup_hourly", "toStartOfHour(event_time)"),
+                          ("usage_rollup_daily", "toDate(event_time)")):
+        rollup = backend.query(
+            f"SELECT tenant_id, metric, period_start, sum(total), sum(samples) FROM {table} "
+            "GROUP BY tenant_id, metric, period_start ORDER BY tenant_id, metric, period_start")
+        raw = backend.query(
+            f"SELECT tenant_id, metric, {period} AS p, sum(value), count() FROM usage_records "
+            "GROUP BY tenant_id, metric, p ORDER BY tenant_id, metric, p")
+        out.append((rollup, raw))
+    return out
+
+
+def _month_rows(months: Sequence[tuple[int, int]], offset: int) -> list[tuple[Any, ...]]:
+    """usage_records rows: two tenants, two metrics, a few hours of each (year, month)."""
+    records = []
+    for m, (year, month) in enumerate(months):
+        start = int(dt.datetime(year, month, 28, 22, 0, tzinfo=dt.UTC).timestamp() * 1000)
+        for i in range(12):
+            records.append(_usage_record(
+                event_id=f"{offset}-{m}-{i}", tenant_id=f"t{i % 2}", source="vm",
+                resource_id="vm", metric=("cpu", "mem")[i // 6], value=HUGE if i == 0 else TINY * i,
+                event_time_ms=start + i * 1_200_000))  # 20 min apart: 4 hours, 2 days
+    return envelope_rows({"records": records}, topic="t", partition=0, offset=offset)
+
+
+def test_rollups_backfill_follow_inserts_and_retention_drops_whole_months(
+    backend: ClickHouseBackend,
+) -> None:
+    # a database from before the rollups: its records are backfilled when they arrive
+    migrate(backend, migrations=[m for m in MIGRATIONS if m.version <= 5])
+    old = [(2023, 6), (2023, 10), (2023, 11), (2024, 2)]
+    backend.insert("usage_records", RECORD_COLUMNS, _month_rows(old, offset=0))
+    assert migrate(backend) == [m.version for m in MIGRATIONS if m.version > 5]
+    for rollup, raw in _rollups_and_raw(backend):
+        assert rollup == raw and len(raw) > 8
+    # from now on the materialized views add every INSERT
+    backend.insert("usage_records", RECORD_COLUMNS, _month_rows([(2023, 10), (2024, 2)], 1))
+    for rollup, raw in _rollups_and_raw(backend):
+        assert rollup == raw
+    assert _scalar(backend, "SELECT sum(samples) FROM usage_rollup_daily") == 6 * 12
+
+    # 36 months before November 2026: November 2023 is kept, October 2023 goes
+    now = dt.datetime(2026, 11, 15, tzinfo=dt.UTC)
+    assert cutoff_month(36, now) == 202311 and cutoff_month(1, dt.datetime(2026, 1, 3)) == 202512
+    dropped = drop_expired_partitions(backend, 36, now=now)
+    assert dropped == {table: [202306, 202310] for table in
+                       ("usage_records", "usage_rollup_hourly", "usage_rollup_daily")}
+    assert set(dropped) <= set(RETAINED_TABLES)
+    assert [m for (m,) in backend.query(
+        "SELECT DISTINCT toYYYYMM(event_date) AS m FROM usage_records ORDER BY m")] == [202311, 202402]
+    for rollup, raw in _rollups_and_raw(backend):
+        assert rollup == raw  # the rollups lost the same months as the raw table
+    assert drop_expired_partitions(backend, 36, now=now) == {}
+
+
+def test_cluster_mode_renders_on_cluster_and_replicated_engines() -> None:
+    create = render_statement(MIGRATIONS[0].statements[0], "billing", "metering")
+    assert create.lstrip().startswith("CREATE TABLE IF NOT EXISTS usage_records ON CLUSTER billing (")
+    assert ("ENGINE = ReplicatedReplacingMergeTree("
+            "'/clickhouse/tables/{shard}/metering/usage_records', '{replica}')") in create
+    hourly = [m for m in MIGRATIONS if m.name == "create usage_rollup_hourly"][0].statements
+    rendered = [render_statement(sql, "billing", "metering") for sql in hourly]
+    assert "ReplicatedSummingMergeTree('/clickhouse/tables/{shard}/metering/usage_rollup_hourly'" \
+        in rendered[0]
+    assert rendered[1] == "TRUNCATE TABLE IF EXISTS usage_rollup_hourly ON CLUSTER billing"
+    assert rendered[2] == hourly[2]  # INSERT ... SELECT runs on the replica the sink uses
+    assert rendered[3].startswith(
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS usage_rollup_hourly_mv ON CLUSTER billing TO ")
+    drop = render_statement("ALTER TABLE usage_records DROP PARTITION 202301", "billing", "db")
+    assert drop == "ALTER TABLE usage_records ON CLUSTER billing DROP PARTITION 202301"
+    # without a cluster nothing changes; a name that is not an identifier is refused
+    assert render_statement(MIGRATIONS[0].statements[0], None) == MIGRATIONS[0].statements[0]
+    with pytest.raises(ValueError):
+        render_statement("ALTER TABLE x DROP PARTITION 1", "a; DROP", "db")
+
+
 # ---- the sink through a real broker ----------------------------------------------------------
 
 
@@ -384,11 +510,28 @@ def test_sink_end_to_end_with_dead_letter(settings: Settings, backend: ClickHous
     ]
     window_offsets = _produce(bootstrap, settings.topic("usage.windows"),
                               [window_codec().encode(w) for w in windows], partition=1)
+    alert = {
+        "alert_id": f"acme|score|month|{FEB_1}|80", "tenant_id": "acme", "metric": "score",
+        "period": "month", "period_start_ms": FEB_1, "threshold_percent": 80,
+        "limit": MAX_DEC, "used": HUGE, "crossed_at_window_end_ms": FEB_1 + 60_000,
+    }
+    (alert_offset,) = _produce(bootstrap, settings.topic("quota.alerts"),
+                               [quota_alert_codec().encode(alert)])
+    # a window the webhook sink gave up on, as it dead-letters it
+    webhook_reason = "webhook delivery failed after 3 attempt(s); last: HTTP 503 (busy)"
+    (webhook_dead_offset,) = _produce(bootstrap, settings.topic("usage.dlq"), [encode_dead_letter(
+        topic=settings.topic("usage.windows"), partition=1, offset=window_offsets[0],
+        stage="webhook-sink", reason=webhook_reason, key=b"acme",
+        payload=window_codec().encode(windows[0]),
+    )])
 
     sink = _sink(settings, backend)
     _run_sink_until(sink, lambda: (
         _scalar(backend, "SELECT count() FROM usage_records") >= len(records)
         and _scalar(backend, "SELECT count() FROM usage_windows") >= len(windows)
+        and _scalar(backend, "SELECT count() FROM quota_alerts") >= 1
+        # the webhook's dead letter and the one this sink wrote for the garbage message
+        and _scalar(backend, "SELECT count() FROM dead_letters") >= 2
         and sink.stats.dead_letters >= 1
     ))
 
@@ -427,11 +570,30 @@ def test_sink_end_to_end_with_dead_letter(settings: Settings, backend: ClickHous
     assert _scalar(backend, "SELECT sum(score) FROM usage_windows") == \
         _dsum([HUGE, TINY, Decimal(-1)])
 
-    (dead,) = _dead_letters(bootstrap, settings.topic("usage.dlq"), want=1)
+    dlq = _dead_letters(bootstrap, settings.topic("usage.dlq"), want=2)
+    assert sorted(d["stage"] for d in dlq) == ["clickhouse-sink", "webhook-sink"]
+    (dead,) = [d for d in dlq if d["stage"] == "clickhouse-sink"]
     assert dead["source_topic"] == settings.topic("usage.records")
-    assert dead["stage"] == "clickhouse-sink"
     assert dead["payload"] == b"\x00garbage that is not avro"
     assert "UsageEnvelope" in dead["reason"]
+
+    assert backend.query(
+        "SELECT alert_id, period_start, limit_value, used, threshold_percent, kafka_offset "
+        "FROM quota_alerts"
+    ) == [(alert["alert_id"], dt.datetime(2024, 2, 1), MAX_DEC, HUGE, 80, alert_offset)]
+    stored_dead = backend.query(
+        "SELECT stage, source_topic, payload_bytes FROM dead_letters ORDER BY stage"
+    )
+    assert stored_dead == [
+        ("clickhouse-sink", settings.topic("usage.records"), len(dead["payload"])),
+        ("webhook-sink", settings.topic("usage.windows"), len(window_codec().encode(windows[0]))),
+    ]
+    # only the webhook's dead letter is a (failed) delivery
+    assert backend.query(
+        "SELECT webhook_id, window_id, tenant_id, status, attempts, last_status, last_error, "
+        "source_offset, kafka_offset FROM webhook_deliveries"
+    ) == [(webhook_id(windows[0]["window_id"]), windows[0]["window_id"], "acme", "dead_lettered",
+           3, 503, "busy", window_offsets[0], webhook_dead_offset)]
 
 
 def test_restart_resumes_from_clickhouse_not_from_committed_offsets(
