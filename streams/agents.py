@@ -29,6 +29,7 @@ from schemas.codec import SINGLE_OBJECT_MAGIC
 from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS
 from streams.dedup import EventIdFilter, TableBackedFilters
 from streams.normalize import invalid_reason
+from streams.offsets import OffsetGuard, Verdict
 from streams.tables import StreamTables
 from streams.topics import StreamTopics
 from streams.windows import PartitionWindows, WindowConfig
@@ -67,8 +68,6 @@ class WindowState:
     held: dict[int, list[tuple[int, int, Any]]] = field(default_factory=dict)
     last_seen: dict[int, float] = field(default_factory=dict)
     seeking: dict[int, int] = field(default_factory=dict)  # partition -> offset sought back to
-    redelivered: int = 0
-    _last_redelivery: dict[int, int] = field(default_factory=dict)
 
     def of(self, partition: int, saved: Any, ids: EventIdFilter | None = None) -> PartitionWindows:
         """The windows of one input partition, restored from ``saved`` on first use."""
@@ -89,14 +88,6 @@ class WindowState:
             self.last_seen.pop(p, None)
             self.seeking.pop(p, None)
 
-    def note_redelivery(self, topic: str, partition: int, offset: int) -> None:
-        """Count a message delivered again; logged once per burst."""
-        self.redelivered += 1
-        if self._last_redelivery.get(partition) != offset - 1:
-            log.info("windows: %s[%d]@%d delivered again; already counted, skipped",
-                     topic, partition, offset)
-        self._last_redelivery[partition] = offset
-
     async def seek_back(self, app: faust.App, tp: Any, offset: int) -> None:
         """Seek a partition back to ``offset`` once (later messages of the same fetch are
         skipped until the re-read reaches them)."""
@@ -105,7 +96,7 @@ class WindowState:
         self.seeking[tp.partition] = offset
         log.info("windows: %s[%d] restored state needs offset %d first; seeking back",
                  tp.topic, tp.partition, offset)
-        await app.consumer.seek(tp, offset)
+        await app.consumer.seek_wait({tp: offset})
 
 
 class RecentlyEncoded:
@@ -200,6 +191,10 @@ def install_agents(
         2 * largest + settings.allowed_lateness_seconds * 1000 + 600_000,
         bucket_ms=max(60_000, largest // 6))
 
+    # what each agent processed, per input topic and partition (see streams/offsets.py)
+    source_offsets = OffsetGuard("normalize")
+    record_offsets = OffsetGuard("windows")
+
     def id_filter(part: int) -> EventIdFilter | None:
         return source_ids.get(part) if settings.dedup_horizon_seconds else None
 
@@ -208,13 +203,24 @@ def install_agents(
         # fewer messages per batch than the window stage: source envelopes carry hundreds of
         # records each, and a batch must fit the cache of what was just encoded
         async for events in stream.take_events(NORMALIZE_TAKE_MAX, within=TAKE_WITHIN):
+            # a reference on every message: Faust acks a whole batch when it is done with it,
+            # even one cut short; only what was processed is released, below
+            for ev in events:
+                ev.message.incref()
             await recent.room(timeout=1.0)
             pending: list[Awaitable[Any]] = []
+            done: list[Any] = []
             try:
                 touched: dict[int, int] = {}  # partition -> first offset in this batch
                 for ev in events:
                     msg = ev.message
                     part = msg.partition
+                    verdict = source_offsets.check((msg.topic, part), msg.offset)
+                    if verdict is not Verdict.PROCESS:
+                        await _skip(app, source_offsets, verdict, msg)
+                        continue
+                    source_offsets.processed((msg.topic, part), msg.offset)
+                    done.append(msg)
                     touched.setdefault(part, msg.offset)
                     try:
                         env = env_codec.decode(msg.value or b"")
@@ -271,9 +277,13 @@ def install_agents(
                 for part, first_offset in touched.items():
                     # only now: a crash before this re-publishes (dropped again later)
                     source_ids.save(part, first_offset)
+                for msg in done:
+                    msg.ack(app.consumer)
             except Exception:  # never let Faust ack-and-skip silently
                 log.exception("normalize: batch of %d failed; dead-lettering it", len(events))
                 await _dead_letter_all(topics, events, "normalize")
+                for msg in done:
+                    msg.ack(app.consumer)
 
     table = tables.window_state
 
@@ -302,6 +312,10 @@ def install_agents(
     @app.agent(topics.records, name="windows")
     async def windows(stream: Any) -> None:
         async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+            # every message is held (see persist_and_release); one skipped below is held for
+            # good, so Faust's ack of the batch cannot ack its offset before the original
+            for ev in events:
+                ev.message.incref()
             pending: list[Awaitable[Any]] = []
             try:
                 touched: set[int] = set()
@@ -309,25 +323,19 @@ def install_agents(
                     msg = ev.message
                     part = msg.partition
                     pw = state.of(part, table.data.get(f"p{part}"), window_ids.get(part))
-                    if msg.offset <= pw.last_offset:
-                        # delivered again while this worker kept the partition (Faust seeks to
-                        # the committed offset after recovery; a fetch can be repeated): the
-                        # live state already counts it. The copy is held for good, so its
-                        # automatic ack cannot ack the offset before the original is released.
-                        msg.incref()
-                        state.note_redelivery(msg.topic, part, msg.offset)
-                        continue
                     resume = pw.resume_from
                     if resume is not None and msg.offset > resume:
                         # restored from a snapshot, but input starts past the first message the
                         # snapshot still needs (a fetch from before the rebalance's seek):
                         # read the partition again from there, and skip what comes before it
-                        msg.incref()
                         await state.seek_back(app, msg.tp, resume)
                         continue
+                    verdict = record_offsets.check((msg.topic, part), msg.offset)
+                    if verdict is not Verdict.PROCESS:
+                        await _skip(app, record_offsets, verdict, msg)
+                        continue
+                    record_offsets.processed((msg.topic, part), msg.offset)
                     touched.add(part)
-                    # every message is held and released in offset order (see persist_and_release)
-                    msg.incref()
                     try:
                         # this worker normalized it a moment ago: skip decoding it again
                         env = recent.take(msg.value) or env_codec.decode(msg.value or b"")
@@ -373,7 +381,11 @@ def install_agents(
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
         # Faust seeks assigned partitions to their committed offsets: rebuild from saved state
-        state.forget({tp.partition for tp in assigned if tp.topic == topics.records.get_topic_name()})
+        name = topics.records.get_topic_name()
+        state.forget({tp.partition for tp in assigned if tp.topic == name})
+        record_offsets.forget({(tp.topic, tp.partition) for tp in assigned if tp.topic == name})
+        sources = set(topics.sources.topics)
+        source_offsets.forget({(tp.topic, tp.partition) for tp in assigned if tp.topic in sources})
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
@@ -383,9 +395,22 @@ def install_agents(
             source_ids.forget(p)
         for p in {tp.partition for tp in revoked if tp.topic == topics.records.get_topic_name()}:
             window_ids.forget(p)
+        record_offsets.forget({(tp.topic, tp.partition) for tp in revoked
+                               if tp.topic == topics.records.get_topic_name()})
+        source_offsets.forget({(tp.topic, tp.partition) for tp in revoked if tp.topic in sources})
 
     del normalize, windows, close_idle_windows, on_revoked, on_assigned  # registered on the app
     return state
+
+
+async def _skip(app: faust.App, guard: OffsetGuard, verdict: Verdict, msg: Any) -> None:
+    # the message stays referenced (see the batch loops): it is never acked by this copy.
+    # seek_wait runs the seek on the consumer's own thread, as Faust's recovery does; the
+    # plain seek touches aiokafka from this thread, and partitions sought that way stalled
+    if verdict is Verdict.SEEK:
+        expected = guard.expected((msg.topic, msg.partition))
+        if expected is not None:
+            await app.consumer.seek_wait({msg.tp: expected})
 
 
 async def _emit(topics: StreamTopics, codec: Any, pw: PartitionWindows) -> list[Awaitable[Any]]:

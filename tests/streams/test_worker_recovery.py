@@ -1,5 +1,7 @@
 """Issue 4 acceptance on the real broker: a SIGKILLed and restarted worker, and two workers
-sharing one consumer group, produce exactly the closed windows of one uninterrupted worker.
+sharing one consumer group, produce exactly the closed windows of one uninterrupted worker;
+after the kill, the real ClickHouse sink stores exactly those windows in Debian's
+clickhouse-server.
 
 Windows are compared from ``usage.windows`` itself: every window id must map to one value
 (a window re-emitted after a crash must be byte-identical) and the set must equal the
@@ -10,15 +12,18 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clickhouse_driver import Client
 from confluent_kafka import Consumer, TopicPartition
 
 from metering import topics
 from metering.config import Settings, load_settings
-from metering.embedded import TansuBroker
+from metering.embedded import ClickHouseServer, TansuBroker
 from metering.topics import ensure_topics
 from producers import EnvelopePublisher
 from producers.simulators import VmSimulator
@@ -92,6 +97,40 @@ def windows(s: Settings, expect: int | None = None, timeout: float = 90,
     return out
 
 
+def dump_topics(s: Settings, path: Path) -> None:
+    """On failure: what each topic of the run held, for the post-mortem (one JSON line each)."""
+    import json
+
+    from confluent_kafka.admin import AdminClient
+
+    from schemas import CodecError, envelope_codec
+
+    names = [t for t in AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
+             .list_topics(timeout=10).topics if "kill" in t]
+    c = Consumer({"bootstrap.servers": s.kafka_bootstrap_servers, "group.id": "dump",
+                  "enable.auto.commit": False})
+    c.assign([TopicPartition(t, p, 0) for t in names for p in range(s.topic_partitions)])
+    with path.open("w") as out:
+        idle = time.monotonic()
+        while time.monotonic() - idle < 3:
+            for m in c.consume(500, timeout=0.5):
+                idle = time.monotonic()
+                if m.error():
+                    continue
+                row: dict[str, Any] = {"topic": m.topic(), "p": m.partition(), "o": m.offset(),
+                                       "key": (m.key() or b"").decode(errors="replace")}
+                try:
+                    env = envelope_codec().decode(m.value() or b"")
+                    row["env"] = env["envelope_id"]
+                    row["wm"] = env["watermark_ms"]
+                    row["recs"] = [[r["event_id"], r["tenant_id"], r["event_time_ms"]]
+                                   for r in env["records"]]
+                except CodecError:
+                    row["raw"] = (m.value() or b"")[:2000].decode(errors="replace")
+                out.write(json.dumps(row, default=str) + "\n")
+    c.close()
+
+
 def differences(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
     """Readable differences between two window sets (field by field)."""
     out = [f"missing {k}" for k in want.keys() - got.keys()]
@@ -117,8 +156,50 @@ def baseline(broker: TansuBroker, tmp_path_factory: pytest.TempPathFactory) -> d
     return result
 
 
+def stored_windows(s: Settings, server: ClickHouseServer, expect: int) -> dict[str, Any]:
+    """Run the real ClickHouse sink over ``usage.windows`` into a fresh database of Debian's
+    clickhouse-server and read the windows back (no FINAL: each must be stored once)."""
+    from sinks.clickhouse import ClickHouseSink, backend_from_settings
+
+    db = f"recovery_{uuid.uuid4().hex[:8]}"
+    Client("127.0.0.1", port=server.tcp_port).execute(f"CREATE DATABASE {db}")
+    s = s.model_copy(update={
+        "clickhouse_url": f"clickhouse://default:@127.0.0.1:{server.tcp_port}/{db}",
+        "sink_flush_seconds": 0.5, "spool_dir": ""})
+    backend = backend_from_settings(s)
+    sink = ClickHouseSink.from_settings(s, str(s.kafka_bootstrap_servers), backend=backend,
+                                        group_id=f"recovery-{db}")
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    query = ("SELECT window_id, tenant_id, window_start_ms, window_end_ms, metrics, aggregations, "
+             "metric_values, metric_samples, sample_count, score, late_samples, has_gap "
+             "FROM usage_windows")
+    try:
+        deadline = time.monotonic() + 60
+        while (time.monotonic() < deadline
+               and backend.query("SELECT count() FROM usage_windows")[0][0] < expect):
+            time.sleep(0.5)
+        time.sleep(1.5)  # a window stored twice would show now
+        rows = backend.query(query)
+    finally:
+        sink.stop()
+        thread.join(timeout=20)
+        backend.close()
+    out: dict[str, Any] = {}
+    for wid, tenant, start, end, metrics, aggs, values, samples, n, score, late, gap in rows:
+        assert wid not in out, f"window {wid} stored twice"
+        out[wid] = {
+            "window_id": wid, "tenant_id": tenant, "window_start_ms": start, "window_end_ms": end,
+            "totals": [{"metric": m, "aggregation": a, "value": Decimal(v), "samples": k}
+                       for m, a, v, k in zip(metrics, aggs, values, samples, strict=True)],
+            "sample_count": n, "score": Decimal(score), "late_samples": late, "has_gap": bool(gap),
+        }
+    return out
+
+
 def test_sigkill_and_restart_gives_the_uninterrupted_windows(
-        broker: TansuBroker, baseline: dict[str, Any], tmp_path: Path) -> None:
+        broker: TansuBroker, clickhouse_server: ClickHouseServer, baseline: dict[str, Any],
+        tmp_path: Path) -> None:
     s = make_settings(broker, "kill.")
     w = WorkerProcess(s, tmp_path).start()
     feeder = threading.Thread(target=produce, args=(s, 0.4))
@@ -135,8 +216,14 @@ def test_sigkill_and_restart_gives_the_uninterrupted_windows(
     finally:
         w.stop()
     diffs = differences(result, baseline)
+    if diffs:
+        dump_topics(s, tmp_path / "topics.jsonl")
     assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs)
     assert w.log_path.read_text().count("Worker ready") >= 2  # the restarted worker did the rest
+    # and what reaches ClickHouse through the real sink is the uninterrupted run's windows
+    stored = stored_windows(s, clickhouse_server, expect=len(baseline))
+    diffs = differences(stored, baseline)
+    assert not diffs, f"ClickHouse: {len(diffs)} differences:\n" + "\n".join(diffs)
 
 
 def test_two_workers_in_one_group_give_one_workers_windows(
