@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import random
@@ -47,10 +46,11 @@ from decimal import Context, Decimal
 from pathlib import Path
 from typing import Any
 
+from bench import publish_report
+
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_FRACTION = 0.7
 WIDE = Context(prec=60)
 
@@ -371,15 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            per_envelope=args.per_envelope, partitions=args.partitions,
                            rows_per_insert=args.rows_per_insert,
                            messages_per_batch=args.messages_per_batch)
-    out = args.out or RESULTS / f"clickhouse_sink-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        _print(report)
-    print(f"result: {out}")
-    return 0
+    return publish_report("clickhouse_sink", report, args.out, args.json, _print)
 
 
 if __name__ == "__main__":

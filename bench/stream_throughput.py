@@ -55,11 +55,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import publish_report
+
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 WINDOW_S = 60
 LATENESS_S = 10
@@ -806,15 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            partitions=args.partitions, tenants=args.tenants, vms=args.vms,
                            per_envelope=args.per_envelope, profile=args.profile,
                            workdir=args.workdir, workers=args.workers)
-    out = args.out or RESULTS / f"stream_throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str))
-    if args.json:
-        print(json.dumps(report, indent=2, default=str))
-    else:
-        _print(report)
-    print(f"result: {out}")
-    return 0
+    return publish_report("stream_throughput", report, args.out, args.json, _print)
 
 
 if __name__ == "__main__":

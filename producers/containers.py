@@ -69,7 +69,6 @@ import decimal
 import json
 import logging
 import math
-import signal
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -83,6 +82,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producers.errors import ProducerError, PublishError
 from producers.publisher import EnvelopePublisher, usage_record
+from producers.runner import run_until_stopped
 
 if TYPE_CHECKING:
     from metering.config import Settings
@@ -636,17 +636,9 @@ def run_from_args(settings: Settings, args: argparse.Namespace) -> None:
             records = producer.poll_once()
             print(f"containers: published {len(records)} records", flush=True)
             return
-        stop = threading.Event()
-        try:
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        except ValueError:  # not the main thread
-            pass
         what = args.cadvisor_url or args.prometheus_url
         print(f"containers: reading {what} every {period:g}s, publishing to {publisher.topic}",
               flush=True)
-        try:
-            producer.run(stop, period)
-        except KeyboardInterrupt:
-            pass
+        run_until_stopped(lambda stop: producer.run(stop, period))
     finally:
         producer.source.close()

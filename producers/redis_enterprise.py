@@ -55,7 +55,6 @@ import json
 import logging
 import math
 import os
-import signal
 import ssl
 import threading
 import time
@@ -71,6 +70,7 @@ import httpx
 
 from producers.errors import ProducerError, PublishError
 from producers.publisher import EnvelopePublisher, usage_record
+from producers.runner import run_until_stopped
 
 if TYPE_CHECKING:
     from metering.config import Settings
@@ -774,17 +774,9 @@ def run_from_args(settings: Settings, args: argparse.Namespace) -> None:
                 raise MeteringError(result.error)
             print(f"redis-enterprise: published {len(result.records)} records", flush=True)
             return
-        stop = threading.Event()
-        try:
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        except ValueError:  # not the main thread
-            pass
         print(f"redis-enterprise: polling {producer.client.url} every {args.interval}s, "
               f"publishing to {publisher.topic}", flush=True)
-        try:
-            producer.run(stop)
-        except KeyboardInterrupt:
-            pass
+        run_until_stopped(producer.run)
     finally:
         producer.client.close()
 

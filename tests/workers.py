@@ -1,4 +1,4 @@
-"""Starting the real stream worker (``python -m metering worker``) as a subprocess in tests."""
+"""Processes tests start: the real stream worker (``python -m metering worker``) and a base for others."""
 
 from __future__ import annotations
 
@@ -29,15 +29,48 @@ def worker_env(s: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-class WorkerProcess:
+class ChildProcess:
+    """A process a test starts and ends: SIGKILL (no shutdown, no final commit) or SIGTERM."""
+
+    stop_timeout = 30.0
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait (SIGKILL after ``stop_timeout``); the exit status, None if never started."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+
+class WorkerProcess(ChildProcess):
     """One stream worker process with its own data directory and log file."""
 
+    stop_timeout = 20.0
+
     def __init__(self, settings: Settings, workdir: Path, name: str = "worker", **extra: str) -> None:
+        super().__init__()
         self.settings = settings
         self.log_path = workdir / f"{name}.log"
         self.datadir = workdir / f"{name}-data"
         self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         """Start the worker (again, after a kill: same data directory)."""
@@ -48,23 +81,3 @@ class WorkerProcess:
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         return self
-
-    def alive(self) -> bool:
-        """Whether the process is still running."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final commit."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        """Graceful stop."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from clickhouse_driver import Client
 from metering.config import Settings
 from metering.embedded import ClickHouseServer
 from producers import EnvelopePublisher
+from tests.workers import ChildProcess
 
 pytestmark = pytest.mark.integration
 
@@ -48,13 +48,13 @@ WIDE = Context(prec=60)
 REPO = Path(__file__).resolve().parents[2]
 
 
-class SinkProcess:
+class SinkProcess(ChildProcess):
     """``python -m metering sink clickhouse`` configured by environment variables."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        super().__init__()
         self.env = env
         self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, group_prefix: str) -> SinkProcess:
         """Start a sink process in consumer group ``<group_prefix>.clickhouse-sink``."""
@@ -67,29 +67,6 @@ class SinkProcess:
             stderr=subprocess.STDOUT, start_new_session=True,
         )
         return self
-
-    def alive(self) -> bool:
-        """Whether the process is running."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no flush, no commit, no goodbye."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait (the sink flushes and exits); return its exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
     def log_tail(self, chars: int = 3000) -> str:
         """The end of the processes' shared log."""

@@ -37,6 +37,7 @@ from sinks.clickhouse.spool import (
     inspect_spool,
     spool_files,
 )
+from tests.workers import ChildProcess
 
 pytestmark = pytest.mark.integration
 
@@ -349,10 +350,11 @@ def child_main() -> None:
     sink.run()
 
 
-class ChildSink:
+class ChildSink(ChildProcess):
     """:func:`child_main` in a subprocess, killed with SIGKILL."""
 
     def __init__(self, settings: Settings, url: str, spool_dir: Path, log_path: Path) -> None:
+        super().__init__()
         self.env = dict(os.environ)
         self.env.update(
             KAFKA_BOOTSTRAP_SERVERS=str(settings.kafka_bootstrap_servers),
@@ -363,7 +365,6 @@ class ChildSink:
         )
         self.env.pop("METERING_CONFIG", None)
         self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ChildSink:
         """Start (again: same group, same spool)."""
@@ -372,25 +373,6 @@ class ChildSink:
                                      stdout=open(self.log_path, "ab"),  # noqa: SIM115
                                      stderr=subprocess.STDOUT, start_new_session=True)
         return self
-
-    def alive(self) -> bool:
-        """Whether it runs."""
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL and reap."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        """SIGTERM and wait."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
     def log(self) -> str:
         """The end of its log."""

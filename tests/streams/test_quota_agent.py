@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from metering.quota_cli import ensure_quota_topics, list_limits, remove_limit, s
 from producers import EnvelopePublisher, usage_record
 from schemas import dead_letter_codec, window_codec
 from streams.quotas import alert_codec
-from tests.workers import worker_env
+from tests.workers import ChildProcess, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -92,13 +91,13 @@ def wait_alerts(s: Settings, n: int, timeout: float = 60) -> list[dict[str, Any]
     return got
 
 
-class Worker:
+class Worker(ChildProcess):
     """This module run as a worker process (same data directory on every start)."""
 
     def __init__(self, s: Settings, workdir: Path, quota_file: Path) -> None:
+        super().__init__()
         self.s, self.workdir, self.quota_file = s, workdir, quota_file
         self.log = workdir / "worker.log"
-        self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
     def start(self, **extra: str) -> Worker:
@@ -134,18 +133,6 @@ class Worker:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def rows(view: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
