@@ -28,7 +28,7 @@ from schemas import CodecError, encode_dead_letter, envelope_codec, window_codec
 from schemas.codec import SINGLE_OBJECT_MAGIC
 from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS
 from streams.dedup import EventIdFilter, TableBackedFilters
-from streams.normalize import invalid_reason
+from streams.normalize import invalid_records
 from streams.offsets import OffsetGuard, Verdict
 from streams.tables import StreamTables
 from streams.topics import StreamTopics
@@ -229,31 +229,39 @@ def install_agents(
                         continue
                     ids = id_filter(part)
                     sent_at = env["sent_at_ms"]
-                    by_tenant: dict[str, list[dict[str, Any]]] = {}
+                    records = env["records"]
                     dropped = 0
-                    for i, rec in enumerate(env["records"]):
-                        reason = invalid_reason(rec, sent_at)
-                        if reason is not None:
-                            dropped += 1
+                    bad = invalid_records(records, sent_at)
+                    if bad:
+                        dropped += len(bad)
+                        for i, reason in bad:
                             pending.append(await send(topics.dlq, None, _dead(
-                                ev, "normalize", f"record {i} ({rec.get('event_id')}): {reason}")))
-                            continue
-                        if ids is not None and not ids.check_and_add(rec["event_id"], sent_at):
-                            dropped += 1
-                            stats.duplicates_dropped += 1
-                            continue
-                        by_tenant.setdefault(rec["tenant_id"], []).append(rec)
+                                ev, "normalize",
+                                f"record {i} ({records[i].get('event_id')}): {reason}")))
+                        skip = {i for i, _ in bad}
+                        records = [r for i, r in enumerate(records) if i not in skip]
+                    if ids is not None:
+                        flags = ids.fresh([r["event_id"] for r in records], sent_at)
+                        if flags is not None:
+                            repeated = flags.count(False)
+                            dropped += repeated
+                            stats.duplicates_dropped += repeated
+                            records = [r for r, new in zip(records, flags, strict=True) if new]
+                    tenants = {r["tenant_id"] for r in records}
                     # one output per input message and tenant, in input order: the window
                     # stage's lateness depends on message order, so normalizing a backlog
                     # must not reorder what the live run would have seen
                     value = msg.value or b""
-                    if not dropped and len(by_tenant) == 1 and value[:2] == SINGLE_OBJECT_MAGIC:
+                    if not dropped and len(tenants) == 1 and value[:2] == SINGLE_OBJECT_MAGIC:
                         # the common case: the input is already canonical, forward its bytes
                         # (with the producer's watermark inside); encoding costs as much as decoding
-                        tenant = next(iter(by_tenant))
+                        tenant = next(iter(tenants))
                         recent.put(value, env)
                         pending.append(await send(topics.records, tenant.encode(), value))
                         continue
+                    by_tenant: dict[str, list[dict[str, Any]]] = {}
+                    for rec in records:
+                        by_tenant.setdefault(rec["tenant_id"], []).append(rec)
                     origin = f"{msg.topic}:{part}"
                     for tenant, recs in by_tenant.items():
                         out_env = {

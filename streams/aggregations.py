@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["AGGREGATIONS", "DEFAULT_METRIC_AGGREGATIONS", "MetricState", "new_state"]
+__all__ = [
+    "AGGREGATIONS", "AGGREGATION_CONTEXT", "DEFAULT_METRIC_AGGREGATIONS", "MetricState", "new_state",
+]
 
 #: the sources' known metrics; anything else defaults to "sum" (``METRIC_AGGREGATIONS``
 #: in the settings overrides or extends this)
@@ -38,6 +40,8 @@ AGGREGATIONS = ("sum", "count", "max", "latest", "unique_count", "resource_mean"
 _ZERO = Decimal(0)
 # wide enough that a mean of decimal(38, 9) values is exact to well past 9 places
 _CTX = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN)
+#: the context every aggregation adds in (callers that inline a sum must use it too)
+AGGREGATION_CONTEXT = _CTX
 
 
 @dataclass(slots=True)

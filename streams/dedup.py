@@ -21,7 +21,8 @@ from __future__ import annotations
 import base64
 import sys
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from itertools import repeat
 from typing import Any
 
 from xxhash import xxh3_64_intdigest
@@ -40,19 +41,26 @@ def digest(event_id: str) -> int:
 
 
 class EventIdFilter:
-    """Event-id digests of one input partition, bucketed by send time for expiry."""
+    """Event-id digests of one input partition, bucketed by send time for expiry.
+
+    Kept as sets so a message's ids are checked and added with a few set operations
+    (:meth:`fresh`) instead of several dict operations per id: this runs for every sample,
+    twice (normalizer and window stage). Each digest is in exactly one bucket.
+    """
 
     def __init__(self, horizon_ms: int, bucket_ms: int = _BUCKET_MS) -> None:
         self.horizon_ms = horizon_ms
         self.bucket_ms = bucket_ms
-        self._bucket_of: dict[int, int] = {}
+        self._known: set[int] = set()
         self._first_offset: dict[int, int] = {}
-        self._buckets: dict[int, set[int]] = {}
+        # bucket -> its digests; lists, not sets: they are only ever subtracted from _known
+        self._buckets: dict[int, list[int]] = {}
         self._newest_bucket: int | None = None
-        self.pending: dict[int, list[tuple[int, int]]] = {}  # since the last drain, per bucket
+        # since the last drain, per bucket: digests and the offsets that passed them
+        self.pending: dict[int, tuple[list[int], list[int]]] = {}
 
     def __len__(self) -> int:
-        return len(self._bucket_of)
+        return len(self._known)
 
     def check_and_add(self, event_id: str, at_ms: int, offset: int = -1) -> bool:
         """True when the id is new (and remember it); False for a duplicate.
@@ -61,44 +69,102 @@ class EventIdFilter:
         ordered input): an id first passed at this same offset or a later one is not a
         duplicate of itself when that input is replayed.
         """
-        d = digest(event_id)
-        if d in self._bucket_of:
+        return self._check(digest(event_id), at_ms, offset)
+
+    def fresh(
+        self, event_ids: Sequence[str], at_ms: int | Sequence[int], offset: int = -1
+    ) -> list[bool] | None:
+        """Check and remember one message's ids at once: None when every id is new (the
+        common case, and nothing to filter), else one flag per id, True where it passes.
+
+        Equivalent to :meth:`check_and_add` on each id in order (``at_ms`` one time for all
+        or one per id), except that an id repeated inside the message passes only once, on
+        a replay too.
+        """
+        if not event_ids:
+            return None
+        ds = list(map(xxh3_64_intdigest, map(str.encode, event_ids)))
+        new = set(ds)
+        if len(new) == len(ds) and new.isdisjoint(self._known):
+            if isinstance(at_ms, int):
+                self._add_new(ds, at_ms - at_ms % self.bucket_ms, offset)
+            else:
+                bm = self.bucket_ms
+                lo, hi = min(at_ms), max(at_ms)
+                if lo - lo % bm == hi - hi % bm:
+                    self._add_new(ds, lo - lo % bm, offset)
+                else:
+                    by_bucket: dict[int, list[int]] = {}
+                    for d, t in zip(ds, at_ms, strict=True):
+                        by_bucket.setdefault(t - t % bm, []).append(d)
+                    for bucket, part in by_bucket.items():
+                        self._add_new(part, bucket, offset)
+            return None
+        times = repeat(at_ms) if isinstance(at_ms, int) else at_ms
+        flags = []
+        here: set[int] = set()
+        for d, t in zip(ds, times, strict=False):  # times may be an endless repeat
+            flags.append(d not in here and self._check(d, t, offset))
+            here.add(d)
+        return flags
+
+    def _check(self, d: int, at_ms: int, offset: int) -> bool:
+        if d in self._known:
             return offset >= 0 and self._first_offset.get(d, -1) >= offset
-        bucket = at_ms - at_ms % self.bucket_ms
-        self._bucket_of[d] = bucket
-        if offset >= 0:
-            self._first_offset[d] = offset
-        self._buckets.setdefault(bucket, set()).add(d)
-        self.pending.setdefault(bucket, []).append((d, offset))
-        if self._newest_bucket is None or bucket > self._newest_bucket:
-            self._newest_bucket = bucket
+        self._add_new([d], at_ms - at_ms % self.bucket_ms, offset)
         return True
 
+    def _add_new(self, ds: list[int], bucket: int, offset: int) -> None:
+        # ds: digests not known yet, all in one bucket
+        self._known.update(ds)
+        members = self._buckets.get(bucket)
+        if members is None:
+            self._buckets[bucket] = list(ds)
+        else:
+            members.extend(ds)
+        if offset >= 0:
+            self._first_offset.update(dict.fromkeys(ds, offset))
+        pending = self.pending.get(bucket)
+        if pending is None:
+            pending = self.pending[bucket] = ([], [])
+        pending[0].extend(ds)
+        pending[1].extend(repeat(offset, len(ds)))
+        if self._newest_bucket is None or bucket > self._newest_bucket:
+            self._newest_bucket = bucket
+
     def load(self, bucket: int, digests: Iterable[int], offsets: Iterable[int] = ()) -> None:
-        """Restore ids saved earlier (from the table, on first use of a partition)."""
-        ids = self._buckets.setdefault(bucket, set())
-        offs = list(offsets)
-        for i, d in enumerate(digests):
-            self._bucket_of[d] = bucket
-            if i < len(offs) and offs[i] >= 0:
-                self._first_offset[d] = offs[i]
-            ids.add(d)
+        """Restore ids saved earlier (from the table, on first use of a partition).
+
+        An id saved in two buckets stays in the newer one (the longer protection)."""
+        ds = list(digests)
+        incoming = set(ds)
+        overlap = incoming & self._known
+        if overlap:  # rare: the same id saved twice
+            for b, members in self._buckets.items():
+                common = overlap.intersection(members)
+                if not common:
+                    continue
+                if b < bucket:  # moves to this, newer, bucket
+                    members[:] = [d for d in members if d not in common]
+                else:  # already here, or stays in the newer bucket
+                    incoming -= common
+        self._known |= incoming
+        self._buckets.setdefault(bucket, []).extend(incoming)
+        self._first_offset.update((d, o) for d, o in zip(ds, offsets, strict=False) if o >= 0)
         if self._newest_bucket is None or bucket > self._newest_bucket:
             self._newest_bucket = bucket
 
     def drain(self, chunk: int = 10_000) -> Iterator[tuple[int, dict[str, Any]]]:
         """The ids added since the last drain, per bucket, in chunks: table values to save."""
         pending, self.pending = self.pending, {}
-        for bucket, entries in pending.items():
-            for i in range(0, len(entries), chunk):
-                part = entries[i : i + chunk]
+        for bucket, (ds, offs) in pending.items():
+            for i in range(0, len(ds), chunk):
                 # packed little-endian arrays, base64: one call per chunk instead of one
                 # string per id (the changelog value is JSON)
-                digests = array("Q", (d for d, _ in part))
-                value: dict[str, Any] = {"bucket": bucket, "ids": _pack(digests)}
-                offsets = array("q", (o for _, o in part))
-                if any(o >= 0 for o in offsets):
-                    value["offsets"] = _pack(offsets)
+                value: dict[str, Any] = {"bucket": bucket, "ids": _pack(array("Q", ds[i : i + chunk]))}
+                part = offs[i : i + chunk]
+                if max(part) >= 0:
+                    value["offsets"] = _pack(array("q", part))
                 yield bucket, value
 
     def expire(self) -> list[int]:
@@ -108,9 +174,10 @@ class EventIdFilter:
         cutoff = self._newest_bucket - self.horizon_ms
         dropped = [b for b in self._buckets if b + self.bucket_ms <= cutoff]
         for b in dropped:
-            for d in self._buckets.pop(b):
-                if self._bucket_of.get(d) == b:
-                    del self._bucket_of[d]
+            members = self._buckets.pop(b)
+            self._known.difference_update(members)
+            if self._first_offset:
+                for d in members:
                     self._first_offset.pop(d, None)
         return dropped
 

@@ -6,11 +6,11 @@ topic months later accepts and rejects exactly what the live run did.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["MAX_AGE_MS", "MAX_FUTURE_MS", "invalid_reason"]
+__all__ = ["MAX_AGE_MS", "MAX_FUTURE_MS", "invalid_reason", "invalid_records"]
 
 MAX_FUTURE_MS = 5 * 60 * 1000  # Stripe's bound: 5 minutes in the future
 MAX_AGE_MS = 35 * 24 * 3600 * 1000  # and 35 days in the past
@@ -45,3 +45,21 @@ def invalid_reason(record: Mapping[str, Any], sent_at_ms: int) -> str | None:
     if ts < sent_at_ms - MAX_AGE_MS:
         return f"event_time_ms {ts} is more than 35 days before the envelope was sent ({sent_at_ms})"
     return None
+
+
+def invalid_records(records: Sequence[Mapping[str, Any]], sent_at_ms: int) -> list[tuple[int, str]]:
+    """(index, reason) of every record of an envelope that cannot be billed; usually empty.
+
+    :func:`invalid_reason` for a whole envelope: the common case is checked inline, without
+    a call per record (this runs for every sample)."""
+    lo, hi = sent_at_ms - MAX_AGE_MS, sent_at_ms + MAX_FUTURE_MS
+    bad = []
+    for i, record in enumerate(records):
+        value = record["value"]
+        if not (
+            record["event_id"] and record["tenant_id"] and record["metric"] and record["resource_id"]
+            and isinstance(value, Decimal) and value.is_finite() and _ZERO <= value < _MAX_VALUE
+            and lo <= record["event_time_ms"] <= hi
+        ):
+            bad.append((i, invalid_reason(record, sent_at_ms) or "invalid"))
+    return bad

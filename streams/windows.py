@@ -37,13 +37,19 @@ from decimal import Decimal
 from typing import Any
 
 from schemas import DECIMAL_QUANTUM
-from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS, MetricState, new_state
+from streams.aggregations import (
+    AGGREGATION_CONTEXT,
+    DEFAULT_METRIC_AGGREGATIONS,
+    MetricState,
+    new_state,
+)
 from streams.dedup import EventIdFilter
 from streams.scoring import score
 
 __all__ = ["MessageOutcome", "PartitionWindows", "WindowConfig", "window_id"]
 
 _CTX = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN)
+_CTX_ADD = AGGREGATION_CONTEXT.add
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class _Window:
 
 #: lifecycle records published by the VM gateway (producers/vm_gateway.py)
 HEARTBEAT, STARTED, STOPPED, POSSIBLE_GAP = "vm_heartbeat", "vm_started", "vm_stopped", "vm_possible_gap"
+_LIFECYCLE = frozenset({HEARTBEAT, STARTED, STOPPED, POSSIBLE_GAP})
 
 
 @dataclass(slots=True)
@@ -215,26 +222,38 @@ class PartitionWindows:
         self, offset: int, records: Iterable[Mapping[str, Any]], watermark_ms: int | None = None
     ) -> MessageOutcome:
         """Fold one input message's canonical records in (offsets must increase)."""
+        records = records if isinstance(records, list) else list(records)
         replay = offset <= self._replay_until
+        ids = self.ids
         if replay and offset < self._exact_from:
             # counted before the crash: only teach the id filter again (its last save may
             # not have reached the broker), so re-published copies stay duplicates
-            if self.ids is not None:
-                for r in records:
-                    self.ids.check_and_add(r["event_id"], r["event_time_ms"], offset)
+            if ids is not None:
+                ids.fresh([r["event_id"] for r in records], [r["event_time_ms"] for r in records],
+                          offset)
             self.last_offset = max(self.last_offset, offset)
             return MessageOutcome(late=[], release_at=0, replayed=True)
         closed = self._closed_wm_before(offset) if replay else self.closed_wm
         final = self._final_wm if replay else None
         out = MessageOutcome(late=[], release_at=0, replayed=replay, decided_with=closed)
+        if ids is not None and records:
+            # one message's ids at once; the filter also drops an id repeated inside the
+            # message, so no per-window set of ids is needed
+            flags = ids.fresh([r["event_id"] for r in records],
+                              [r["event_time_ms"] for r in records], offset)
+            if flags is not None:
+                out.duplicates += flags.count(False)
+                records = [r for r, new in zip(records, flags, strict=True) if new]
         sizes = self.config.sizes_ms
-        ids = self.ids
+        open_windows = self.open
+        aggregation = self.config.aggregation
+        check_seen = ids is None
+        release_at = 0
+        max_event = self.max_event_ms
         for r in records:
             ts = r["event_time_ms"]
-            if ids is not None and not ids.check_and_add(r["event_id"], ts, offset):
-                out.duplicates += 1
-                continue
             tenant = r["tenant_id"]
+            metric = r["metric"]
             is_late = False
             for size in sizes:
                 start = ts - ts % size
@@ -247,39 +266,48 @@ class PartitionWindows:
                         continue  # counted in a window emitted before the crash
                     self._window(size, tenant, carrier).late += 1
                     out.late_counted += 1
-                    out.release_at = max(out.release_at, carrier + size)
+                    if carrier + size > release_at:
+                        release_at = carrier + size
                     continue
                 if final is not None and end <= final:
                     continue  # already in a window emitted before the crash
-                win = self._window(size, tenant, start)
-                if r["event_id"] in win.seen:
-                    out.duplicates += 1
-                    continue
-                win.seen.add(r["event_id"])
-                metric = r["metric"]
+                win = open_windows.get((size, tenant, start))
+                if win is None:
+                    win = open_windows[(size, tenant, start)] = _Window()
+                if check_seen:
+                    if r["event_id"] in win.seen:
+                        out.duplicates += 1
+                        continue
+                    win.seen.add(r["event_id"])
                 state = win.metrics.get(metric)
                 if state is None:
-                    state = win.metrics[metric] = new_state(self.config.aggregation(metric))
-                state.add(r["value"], ts, r["event_id"], r["resource_id"])
+                    state = win.metrics[metric] = new_state(aggregation(metric))
+                if state.kind == "sum":  # the common aggregation, inline (see MetricState.add)
+                    state.samples += 1
+                    state.total = _CTX_ADD(state.total, r["value"])
+                else:
+                    state.add(r["value"], ts, r["event_id"], r["resource_id"])
                 win.samples += 1
-                out.release_at = max(out.release_at, end)
-                if metric == HEARTBEAT or metric == STARTED:
-                    win.alive.setdefault(r["resource_id"], []).append(ts)
-                elif metric == STOPPED:
-                    win.stopped[r["resource_id"]] = ts
-                elif metric == POSSIBLE_GAP:
-                    pass
+                if end > release_at:
+                    release_at = end
+                if metric in _LIFECYCLE:
+                    if metric == HEARTBEAT or metric == STARTED:
+                        win.alive.setdefault(r["resource_id"], []).append(ts)
+                    elif metric == STOPPED:
+                        win.stopped[r["resource_id"]] = ts
                 elif r.get("source") in (None, "vm"):
                     win.resources.add(r["resource_id"])
-            if r["metric"] == POSSIBLE_GAP:
+            if metric == POSSIBLE_GAP:
                 resume = int((r.get("metadata") or {}).get("resume_time_ms", ts))
                 self.gaps.setdefault(tenant, []).append((ts, max(ts, resume)))
                 top = max(sizes)
-                out.release_at = max(out.release_at, resume - resume % top + top)
+                release_at = max(release_at, resume - resume % top + top)
             if is_late and not replay:
                 out.late.append(r)
-            if self.max_event_ms is None or ts > self.max_event_ms:
-                self.max_event_ms = ts
+            if max_event is None or ts > max_event:
+                max_event = ts
+        self.max_event_ms = max_event
+        out.release_at = release_at
         self.late_total += len(out.late)
         self.duplicate_total += out.duplicates
         if watermark_ms is not None and (self.promised_ms is None or watermark_ms > self.promised_ms):

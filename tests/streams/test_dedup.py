@@ -1,5 +1,10 @@
 """Unit tests of streams/dedup.py."""
 
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from streams.dedup import EventIdFilter, digest, saved_entries
 
 H = 3_600_000
@@ -49,3 +54,64 @@ def test_replayed_offset_is_not_its_own_duplicate() -> None:
         g.load(bucket, ids, offsets)
     assert g.check_and_add("a", 0, offset=5)
     assert not g.check_and_add("a", 0, offset=6)
+
+
+class _Model:
+    """The filter's meaning, longhand: id -> (bucket, first offset)."""
+
+    def __init__(self, horizon_ms: int, bucket_ms: int) -> None:
+        self.horizon_ms, self.bucket_ms = horizon_ms, bucket_ms
+        self.ids: dict[str, tuple[int, int]] = {}
+
+    def check(self, event_ids: list[str], times: list[int], offset: int) -> list[bool]:
+        flags, here = [], set()
+        for e, t in zip(event_ids, times, strict=True):
+            if e in here:
+                flags.append(False)
+            elif e in self.ids:
+                flags.append(offset >= 0 and self.ids[e][1] >= offset)
+            else:
+                self.ids[e] = (t - t % self.bucket_ms, offset)
+                flags.append(True)
+            here.add(e)
+        return flags
+
+    def expire(self) -> None:
+        if self.ids:
+            newest = max(b for b, _ in self.ids.values())
+            self.ids = {e: v for e, v in self.ids.items()
+                        if v[0] + self.bucket_ms > newest - self.horizon_ms}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(
+    st.lists(st.sampled_from([f"e{i}" for i in range(30)]), max_size=12),
+    st.integers(0, 6 * H), st.integers(0, 20 * 60_000), st.integers(-1, 8), st.booleans(),
+    st.sampled_from(["none", "expire", "reload"]),
+), max_size=25))
+def test_fresh_matches_checking_each_id_in_order(ops: list[Any]) -> None:
+    f = EventIdFilter(horizon_ms=2 * H, bucket_ms=H)
+    model = _Model(2 * H, H)
+    saved: dict[str, Any] = {}
+    for n, (ids, at, spread, offset, per_id_times, then) in enumerate(ops):
+        times = [at + i * spread for i in range(len(ids))] if per_id_times else [at] * len(ids)
+        flags = f.fresh(ids, times if per_id_times else at, offset)
+        expected = model.check(ids, times, offset)
+        assert (flags if flags is not None else [True] * len(ids)) == expected
+        for k, (_, value) in enumerate(f.drain(chunk=5)):
+            saved[f"p0:{n}:{k}"] = value
+        if then == "expire":
+            forget(f.expire(), saved)
+            model.expire()
+            assert len(f) == len(model.ids)
+        elif then == "reload":  # a restart: a new filter from what was saved
+            f = EventIdFilter(horizon_ms=2 * H, bucket_ms=H)
+            for _key, bucket, digests, offsets in saved_entries(saved, "p0:"):
+                f.load(bucket, digests, offsets)
+            assert len(f) == len(model.ids)
+
+
+def forget(buckets: list[int], saved: dict[str, Any]) -> None:
+    """Delete expired buckets' table entries, as TableBackedFilters.save does."""
+    for key in [k for k, v in saved.items() if v["bucket"] in buckets]:
+        del saved[key]

@@ -2,7 +2,7 @@
 
 from decimal import Decimal
 
-from streams.normalize import invalid_reason
+from streams.normalize import invalid_reason, invalid_records
 
 SENT = 1_800_000_000_000
 
@@ -27,3 +27,12 @@ def test_each_problem_is_named() -> None:
     for expected, change in cases.items():
         reason = invalid_reason({**good(), **change}, SENT)
         assert reason is not None and expected in reason, (change, reason)
+
+
+def test_invalid_records_names_each_bad_record_of_an_envelope() -> None:
+    records = [good(), {**good(), "value": Decimal(-2)}, good(),
+               {**good(), "event_time_ms": SENT + 6 * 60_000}, {**good(), "metric": ""}]
+    bad = invalid_records(records, SENT)
+    assert [i for i, _ in bad] == [1, 3, 4]
+    assert all(reason == invalid_reason(records[i], SENT) for i, reason in bad)
+    assert invalid_records([good(), good()], SENT) == []
