@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 
 import faust
@@ -50,4 +51,7 @@ def tune_gc() -> None:
     """
     gc.collect()
     gc.freeze()  # the modules, app and tables built so far are permanent
+    # ... until exit: frozen objects are never collected at shutdown, and extension objects
+    # destroyed that late can crash (see sinks/clickhouse/sink.py, _GcPause)
+    atexit.register(gc.unfreeze)
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])

@@ -48,6 +48,7 @@ per consumer group with a spool, or keep partitions sticky, to be exact in every
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import gc
@@ -354,10 +355,15 @@ class _GcPause:
     collector's sight; reference counting still frees them), and every
     ``GC_UNFREEZE_EVERY`` batches they are handed back to the collector, so a cycle that
     became garbage is still collected. Left alone if the collector was already off.
+
+    Nothing stays frozen at exit: objects still frozen when the interpreter shuts down are
+    never collected, and chdb's crashed when destroyed that late (the embedded demo exited
+    with SIGSEGV about one run in two).
     """
 
     def __init__(self) -> None:
         self._batches = 0
+        self._at_exit = False
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -373,6 +379,9 @@ class _GcPause:
                 self._batches = 0
                 gc.unfreeze()
             else:
+                if not self._at_exit:
+                    atexit.register(gc.unfreeze)
+                    self._at_exit = True
                 gc.freeze()
             gc.enable()
 
