@@ -193,6 +193,9 @@ class BatchingSink(ABC):
         finally:
             self.consumer.close()
             self._dlq_producer.flush(10)
+            # released now, not when the sink object is collected: a client kept alive past
+            # its broker logs a reconnect failure every second
+            self._dlq_producer.close()
             self.close()
 
     def _due(self) -> bool:
