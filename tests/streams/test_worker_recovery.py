@@ -1,7 +1,7 @@
 """Issue 4 acceptance on the real broker: a SIGKILLed and restarted worker, and two workers
 sharing one consumer group, produce exactly the closed windows of one uninterrupted worker;
 after the kill, the real ClickHouse sink stores exactly those windows in Debian's
-clickhouse-server.
+clickhouse-server, and the quota alerts are the uninterrupted run's, none sent twice.
 
 Windows are compared from ``usage.windows`` itself: every window id must map to one value
 (a window re-emitted after a crash must be byte-identical) and the set must equal the
@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from metering.topics import ensure_topics
 from producers import EnvelopePublisher
 from producers.simulators import VmSimulator
 from schemas import window_codec
+from streams.quotas import alert_codec
 from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -44,18 +46,57 @@ def make_settings(broker: TansuBroker, prefix: str) -> Settings:
         window_sizes_seconds=[SIZE_S], allowed_lateness_seconds=2,
         idle_close_seconds=3600,  # no wall-clock closes: runs must be comparable
     )
-    ensure_topics(s, broker.bootstrap_servers)
+    ensure_topics(s, broker.bootstrap_servers)  # quota.limits and quota.alerts included
     return s
 
 
-def produce(s: Settings, pause: float = 0.0) -> int:
+def simulated_batches() -> list[list[dict[str, Any]]]:
     """The same deterministic input every time: 12 tenants, out-of-order samples."""
     sim = VmSimulator(tenants=12, vms_per_tenant=2, interval_ms=1_000, seed=5)
+    return list(sim.run(START_MS, BATCHES, disorder=0.3))
+
+
+def write_quota_file(path: Path) -> Path:
+    """A daily cpu quota for every tenant at 60 % of the smallest tenant's total, computed here
+    from the simulator's samples: every tenant crosses 80 % and 100 % part-way through the
+    run, so alerts fire before and after the kill."""
+    totals: Counter[str] = Counter()
+    for batch in simulated_batches():
+        for r in batch:
+            if r["metric"] == "cpu_time_nanos":
+                totals[r["tenant_id"]] += int(Decimal(r["value"]))
+    assert len(totals) == 12
+    limit = min(totals.values()) * 6 // 10
+    path.write_text(f'[[limits]]\ntenant = "*"\nmetric = "cpu_time_nanos"\nperiod = "day"\n'
+                    f'limit = "{limit}"\n')
+    return path
+
+
+def alerts(s: Settings) -> list[dict[str, Any]]:
+    """Every alert on ``quota.alerts``, in partition order."""
+    c = Consumer({"bootstrap.servers": s.kafka_bootstrap_servers, "group.id": "reader",
+                  "enable.auto.commit": False, "log_level": 4})
+    c.assign([TopicPartition(s.topic(topics.ALERTS), p, 0) for p in range(s.topic_partitions)])
+    out: list[dict[str, Any]] = []
+    idle_since = time.monotonic()
+    try:
+        while time.monotonic() - idle_since < 2.0:
+            for m in c.consume(500, timeout=0.3):
+                if not m.error():
+                    out.append(alert_codec().decode(m.value()))
+                    idle_since = time.monotonic()
+    finally:
+        c.close()
+    return out
+
+
+def produce(s: Settings, pause: float = 0.0) -> int:
+    """Publish :func:`simulated_batches`, then a producer watermark that closes every window."""
     pub = EnvelopePublisher(str(s.kafka_bootstrap_servers), s.topic(topics.SOURCE_TOPICS["vm"]),
                             source="vm")
     start = START_MS
     n = 0
-    for batch in sim.run(start, BATCHES, disorder=0.3):
+    for batch in simulated_batches():
         pub.send(batch)
         n += len(batch)
         if pause:
@@ -143,17 +184,35 @@ def differences(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def baseline(broker: TansuBroker, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Closed windows of one uninterrupted worker."""
+def quota_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quota file every worker of this module runs with."""
+    return write_quota_file(tmp_path_factory.mktemp("quotas") / "quotas.toml")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(broker: TansuBroker, tmp_path_factory: pytest.TempPathFactory,
+                  quota_file: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Closed windows and quota alerts (by id) of one uninterrupted worker."""
     s = make_settings(broker, "base.")
     produce(s)
-    w = WorkerProcess(s, tmp_path_factory.mktemp("base")).start()
+    w = WorkerProcess(s, tmp_path_factory.mktemp("base"), QUOTA_FILE=str(quota_file)).start()
     try:
         result = windows(s)
+        fired = alerts(s)
     finally:
         w.stop()
     assert len(result) >= 12 * (BATCHES // SIZE_S)
-    return result
+    by_id = {a["alert_id"]: a for a in fired}
+    assert len(by_id) == len(fired), "the uninterrupted run sent an alert twice"
+    # every tenant crosses both default thresholds of its daily cpu quota
+    assert sorted(Counter(a["threshold_percent"] for a in fired).items()) == [(80, 12), (100, 12)]
+    return result, by_id
+
+
+@pytest.fixture(scope="module")
+def baseline(uninterrupted: tuple[dict[str, Any], dict[str, Any]]) -> dict[str, Any]:
+    """Closed windows of one uninterrupted worker."""
+    return uninterrupted[0]
 
 
 def stored_windows(s: Settings, server: ClickHouseServer, expect: int) -> dict[str, Any]:
@@ -197,11 +256,13 @@ def stored_windows(s: Settings, server: ClickHouseServer, expect: int) -> dict[s
     return out
 
 
-def test_sigkill_and_restart_gives_the_uninterrupted_windows(
-        broker: TansuBroker, clickhouse_server: ClickHouseServer, baseline: dict[str, Any],
+def test_sigkill_and_restart_gives_the_uninterrupted_windows_and_alerts(
+        broker: TansuBroker, clickhouse_server: ClickHouseServer,
+        uninterrupted: tuple[dict[str, Any], dict[str, Any]], quota_file: Path,
         tmp_path: Path) -> None:
+    baseline, baseline_alerts = uninterrupted
     s = make_settings(broker, "kill.")
-    w = WorkerProcess(s, tmp_path).start()
+    w = WorkerProcess(s, tmp_path, QUOTA_FILE=str(quota_file)).start()
     feeder = threading.Thread(target=produce, args=(s, 0.4))
     feeder.start()
     # kill as soon as a third of the windows are out, while input is still arriving
@@ -209,10 +270,12 @@ def test_sigkill_and_restart_gives_the_uninterrupted_windows(
     assert feeder.is_alive(), "input finished before the kill: the test would prove nothing"
     w.kill()
     assert len(seen) < len(baseline)
+    before_kill = alerts(s)
     w.start()
     feeder.join()
     try:
         result = windows(s, expect=len(baseline))
+        fired = alerts(s)
     finally:
         w.stop()
     diffs = differences(result, baseline)
@@ -220,26 +283,36 @@ def test_sigkill_and_restart_gives_the_uninterrupted_windows(
         dump_topics(s, tmp_path / "topics.jsonl")
     assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs)
     assert w.log_path.read_text().count("Worker ready") >= 2  # the restarted worker did the rest
+    # quota alerts: each fired once across the kill, and exactly the uninterrupted run's
+    twice = {k: n for k, n in Counter(a["alert_id"] for a in fired).items() if n > 1}
+    assert not twice, f"alerts emitted more than once: {twice}"
+    assert {a["alert_id"]: a for a in fired} == baseline_alerts
+    assert len(before_kill) < len(fired), "every alert fired before the kill: the test proves less"
     # and what reaches ClickHouse through the real sink is the uninterrupted run's windows
     stored = stored_windows(s, clickhouse_server, expect=len(baseline))
     diffs = differences(stored, baseline)
     assert not diffs, f"ClickHouse: {len(diffs)} differences:\n" + "\n".join(diffs)
 
 
-def test_two_workers_in_one_group_give_one_workers_windows(
-        broker: TansuBroker, baseline: dict[str, Any], tmp_path: Path) -> None:
+def test_two_workers_in_one_group_give_one_workers_windows_and_alerts(
+        broker: TansuBroker, uninterrupted: tuple[dict[str, Any], dict[str, Any]],
+        quota_file: Path, tmp_path: Path) -> None:
+    baseline, baseline_alerts = uninterrupted
     s = make_settings(broker, "pair.")
-    a = WorkerProcess(s, tmp_path, "a").start()
-    b = WorkerProcess(s, tmp_path, "b").start()
+    a = WorkerProcess(s, tmp_path, "a", QUOTA_FILE=str(quota_file)).start()
+    b = WorkerProcess(s, tmp_path, "b", QUOTA_FILE=str(quota_file)).start()
     try:
         time.sleep(8)  # let both join, so partitions are shared
         produce(s, pause=0.05)
         result = windows(s, expect=len(baseline))
+        fired = alerts(s)
         assert a.alive() and b.alive()
     finally:
         a.stop()
         b.stop()
     diffs = differences(result, baseline)
     assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs)
+    assert Counter(a["alert_id"] for a in fired) == Counter(set(baseline_alerts))
+    assert {a["alert_id"]: a for a in fired} == baseline_alerts
     logs = a.log_path.read_text() + b.log_path.read_text()
     assert "windows" in logs
