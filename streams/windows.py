@@ -88,6 +88,17 @@ class _Window:
     stopped: dict[str, int] = field(default_factory=dict)  # VM -> stop time
 
 
+@dataclass(slots=True)
+class _Slot:
+    """The windows one message's samples of one tenant and grain go to (see ``_slot``)."""
+
+    windows: list[_Window] = field(default_factory=list)
+    carriers: list[_Window] = field(default_factory=list)
+    late: bool = False
+    release_at: int = 0
+    states: dict[str, list[MetricState]] = field(default_factory=dict)  # metric -> one per window
+
+
 #: lifecycle records published by the VM gateway (producers/vm_gateway.py)
 HEARTBEAT, STARTED, STOPPED, POSSIBLE_GAP = "vm_heartbeat", "vm_started", "vm_stopped", "vm_possible_gap"
 _LIFECYCLE = frozenset({HEARTBEAT, STARTED, STOPPED, POSSIBLE_GAP})
@@ -244,66 +255,72 @@ class PartitionWindows:
             if flags is not None:
                 out.duplicates += flags.count(False)
                 records = [r for r, new in zip(records, flags, strict=True) if new]
-        sizes = self.config.sizes_ms
-        open_windows = self.open
         aggregation = self.config.aggregation
         check_seen = ids is None
         release_at = 0
         max_event = self.max_event_ms
+        grain = self._grain
+        # every sample of one tenant in one grain (the sizes' gcd) falls into the same windows
+        # and is late for the same sizes, so that is decided once per slot and message, not
+        # once per sample and size (this loop runs for every sample)
+        slots: dict[tuple[str, int], _Slot] = {}
         for r in records:
             ts = r["event_time_ms"]
             tenant = r["tenant_id"]
             metric = r["metric"]
-            is_late = False
-            for size in sizes:
-                start = ts - ts % size
-                end = start + size
-                if closed is not None and end <= closed:
-                    # late for this size: the count rides on the first open window
-                    is_late = True
-                    carrier = closed - closed % size
-                    if final is not None and carrier + size <= final:
-                        continue  # counted in a window emitted before the crash
-                    self._window(size, tenant, carrier).late += 1
-                    out.late_counted += 1
-                    if carrier + size > release_at:
-                        release_at = carrier + size
-                    continue
-                if final is not None and end <= final:
-                    continue  # already in a window emitted before the crash
-                win = open_windows.get((size, tenant, start))
-                if win is None:
-                    win = open_windows[(size, tenant, start)] = _Window()
+            slot = slots.get((tenant, ts - ts % grain))
+            if slot is None:
+                slot = slots[(tenant, ts - ts % grain)] = self._slot(tenant, ts, closed, final)
+                if slot.release_at > release_at:
+                    release_at = slot.release_at
+            if slot.late:
+                for carrier in slot.carriers:
+                    carrier.late += 1
+                out.late_counted += len(slot.carriers)
+                if not replay:
+                    out.late.append(r)
+            wins = slot.windows
+            if wins:
+                states = slot.states.get(metric)
+                if states is None:
+                    kind = aggregation(metric)
+                    states = slot.states[metric] = [
+                        w.metrics.get(metric) or w.metrics.setdefault(metric, new_state(kind))
+                        for w in wins]
                 if check_seen:
-                    if r["event_id"] in win.seen:
-                        out.duplicates += 1
-                        continue
-                    win.seen.add(r["event_id"])
-                state = win.metrics.get(metric)
-                if state is None:
-                    state = win.metrics[metric] = new_state(aggregation(metric))
-                if state.kind == "sum":  # the common aggregation, inline (see MetricState.add)
-                    state.samples += 1
-                    state.total = _CTX_ADD(state.total, r["value"])
+                    # no id filter: each window drops an id it has seen already
+                    event_id = r["event_id"]
+                    keep = [i for i, w in enumerate(wins) if event_id not in w.seen]
+                    out.duplicates += len(wins) - len(keep)
+                    if len(keep) < len(wins):
+                        wins, states = [wins[i] for i in keep], [states[i] for i in keep]
+                    for w in wins:
+                        w.seen.add(event_id)
+                value = r["value"]
+                if states and states[0].kind == "sum":  # the common aggregation, inline
+                    for state in states:
+                        state.samples += 1
+                        state.total = _CTX_ADD(state.total, value)
                 else:
-                    state.add(r["value"], ts, r["event_id"], r["resource_id"])
-                win.samples += 1
-                if end > release_at:
-                    release_at = end
+                    for state in states:
+                        state.add(value, ts, r["event_id"], r["resource_id"])
+                for w in wins:
+                    w.samples += 1
                 if metric in _LIFECYCLE:
                     if metric == HEARTBEAT or metric == STARTED:
-                        win.alive.setdefault(r["resource_id"], []).append(ts)
+                        for w in wins:
+                            w.alive.setdefault(r["resource_id"], []).append(ts)
                     elif metric == STOPPED:
-                        win.stopped[r["resource_id"]] = ts
+                        for w in wins:
+                            w.stopped[r["resource_id"]] = ts
                 elif r.get("source") in (None, "vm"):
-                    win.resources.add(r["resource_id"])
+                    for w in wins:
+                        w.resources.add(r["resource_id"])
             if metric == POSSIBLE_GAP:
                 resume = int((r.get("metadata") or {}).get("resume_time_ms", ts))
                 self.gaps.setdefault(tenant, []).append((ts, max(ts, resume)))
-                top = max(sizes)
+                top = max(self.config.sizes_ms)
                 release_at = max(release_at, resume - resume % top + top)
-            if is_late and not replay:
-                out.late.append(r)
             if max_event is None or ts > max_event:
                 max_event = ts
         self.max_event_ms = max_event
@@ -314,6 +331,29 @@ class PartitionWindows:
             self.promised_ms = watermark_ms
         self.last_offset = max(self.last_offset, offset)
         return out
+
+    def _slot(self, tenant: str, ts: int, closed: int | None, final: int | None) -> _Slot:
+        """Where the samples of ``tenant`` at ``ts`` (and in its grain) go, per window size:
+        the open window they count in, or, when that size's window is closed already, the
+        carrier window their late count rides on (the tenant's first open window of that
+        size; none when that one, too, was emitted before a crash)."""
+        slot = _Slot()
+        for size in self.config.sizes_ms:
+            start = ts - ts % size
+            end = start + size
+            if closed is not None and end <= closed:
+                slot.late = True
+                carrier = closed - closed % size
+                if final is not None and carrier + size <= final:
+                    continue  # counted in a window emitted before the crash
+                slot.carriers.append(self._window(size, tenant, carrier))
+                slot.release_at = max(slot.release_at, carrier + size)
+                continue
+            if final is not None and end <= final:
+                continue  # already in a window emitted before the crash
+            slot.windows.append(self._window(size, tenant, start))
+            slot.release_at = max(slot.release_at, end)
+        return slot
 
     def promise(self, watermark_ms: int | None) -> None:
         """Record a promise (a producer's, or the idle clock's) that earlier event times are done."""
