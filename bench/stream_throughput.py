@@ -803,6 +803,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="JSON result file (default bench/results/stream_throughput-<time>.json)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
+    if args.profile and _py_spy() is None:
+        p.error("--profile needs py-spy (pip install py-spy), before anything is measured")
     report = run_benchmark(args.bootstrap, samples=args.samples, naive_events=args.naive_events,
                            partitions=args.partitions, tenants=args.tenants, vms=args.vms,
                            per_envelope=args.per_envelope, profile=args.profile,
