@@ -79,16 +79,23 @@ def fill(bootstrap: str, topic: str, records: int, per_envelope: int, seed: int 
     publisher = EnvelopePublisher(bootstrap, topic, source="vm",
                                   max_records_per_envelope=per_envelope, producer_name="bench")
     total = Decimal(0)
+    envelopes = -(-records // per_envelope)
+    span_ms = 2 * 86_400_000
     for start in range(0, records, per_envelope):
         batch = []
         tenant = f"tenant-{(start // per_envelope) % 16:02d}"
+        # like a producer's batch: one envelope holds about one tick (10 s) of samples, and
+        # the envelopes walk through the last two days in order. (Event times drawn from the
+        # whole two days in every envelope made each envelope span two days, and on the first
+        # days of a month two months: every message then needs INSERTs of its own.)
+        tick_ms = now_ms - span_ms + span_ms * (start // per_envelope) // envelopes
         for i in range(start, min(start + per_envelope, records)):
             value = Decimal(rng.randrange(0, 10**12)) * quantum
             total = WIDE.add(total, value)
             batch.append(usage_record(
                 event_id=f"ev-{i}", tenant_id=tenant, source="vm", resource_id=f"vm-{i % 97}",
                 metric=metrics[i % len(metrics)], value=value,
-                event_time_ms=now_ms - rng.randrange(0, 2 * 86_400_000),
+                event_time_ms=tick_ms + rng.randrange(0, 10_000),
                 metadata={"region": "eu-west-1"} if i % 2 else {},
             ))
         publisher.send(batch)
