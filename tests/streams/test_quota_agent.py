@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from metering import topics
 from metering.config import Settings
 from metering.quota_cli import ensure_quota_topics, list_limits, remove_limit, set_limit
 from producers import EnvelopePublisher, usage_record
 from schemas import dead_letter_codec, window_codec
-from streams.quotas import alert_codec
+from tests.topic_reader import alerts, read_all
 from tests.workers import ChildProcess, worker_env
 
 pytestmark = pytest.mark.integration
@@ -59,27 +59,6 @@ def produce(s: Settings, *values: bytes, tenant: str = "acme") -> None:
     for v in values:
         p.produce(s.topic(topics.WINDOWS), key=tenant.encode(), value=v)
     assert p.flush(30) == 0
-
-
-def read_all(s: Settings, name: str, idle: float = 1.5) -> list[Any]:
-    c = Consumer({"bootstrap.servers": s.kafka_bootstrap_servers, "group.id": "reader",
-                  "enable.auto.commit": False, "log_level": 4})
-    c.assign([TopicPartition(s.topic(name), p, 0) for p in range(s.topic_partitions)])
-    out: list[Any] = []
-    last = time.monotonic()
-    try:
-        while time.monotonic() - last < idle:
-            for m in c.consume(500, timeout=0.3):
-                if not m.error():
-                    out.append(m)
-                    last = time.monotonic()
-    finally:
-        c.close()
-    return out
-
-
-def alerts(s: Settings) -> list[dict[str, Any]]:
-    return [alert_codec().decode(m.value()) for m in read_all(s, topics.ALERTS)]
 
 
 def wait_alerts(s: Settings, n: int, timeout: float = 60) -> list[dict[str, Any]]:

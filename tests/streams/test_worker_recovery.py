@@ -29,7 +29,7 @@ from metering.topics import ensure_topics
 from producers import EnvelopePublisher
 from producers.simulators import VmSimulator
 from schemas import window_codec
-from streams.quotas import alert_codec
+from tests.topic_reader import alerts
 from tests.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -70,24 +70,6 @@ def write_quota_file(path: Path) -> Path:
     path.write_text(f'[[limits]]\ntenant = "*"\nmetric = "cpu_time_nanos"\nperiod = "day"\n'
                     f'limit = "{limit}"\n')
     return path
-
-
-def alerts(s: Settings) -> list[dict[str, Any]]:
-    """Every alert on ``quota.alerts``, in partition order."""
-    c = Consumer({"bootstrap.servers": s.kafka_bootstrap_servers, "group.id": "reader",
-                  "enable.auto.commit": False, "log_level": 4})
-    c.assign([TopicPartition(s.topic(topics.ALERTS), p, 0) for p in range(s.topic_partitions)])
-    out: list[dict[str, Any]] = []
-    idle_since = time.monotonic()
-    try:
-        while time.monotonic() - idle_since < 2.0:
-            for m in c.consume(500, timeout=0.3):
-                if not m.error():
-                    out.append(alert_codec().decode(m.value()))
-                    idle_since = time.monotonic()
-    finally:
-        c.close()
-    return out
 
 
 def produce(s: Settings, pause: float = 0.0) -> int:
@@ -198,7 +180,7 @@ def uninterrupted(broker: TansuBroker, tmp_path_factory: pytest.TempPathFactory,
     w = WorkerProcess(s, tmp_path_factory.mktemp("base"), QUOTA_FILE=str(quota_file)).start()
     try:
         result = windows(s)
-        fired = alerts(s)
+        fired = alerts(s, idle=2.0)
     finally:
         w.stop()
     assert len(result) >= 12 * (BATCHES // SIZE_S)
@@ -270,12 +252,12 @@ def test_sigkill_and_restart_gives_the_uninterrupted_windows_and_alerts(
     assert feeder.is_alive(), "input finished before the kill: the test would prove nothing"
     w.kill()
     assert len(seen) < len(baseline)
-    before_kill = alerts(s)
+    before_kill = alerts(s, idle=2.0)
     w.start()
     feeder.join()
     try:
         result = windows(s, expect=len(baseline))
-        fired = alerts(s)
+        fired = alerts(s, idle=2.0)
     finally:
         w.stop()
     diffs = differences(result, baseline)
@@ -305,7 +287,7 @@ def test_two_workers_in_one_group_give_one_workers_windows_and_alerts(
         time.sleep(8)  # let both join, so partitions are shared
         produce(s, pause=0.05)
         result = windows(s, expect=len(baseline))
-        fired = alerts(s)
+        fired = alerts(s, idle=2.0)
         assert a.alive() and b.alive()
     finally:
         a.stop()
