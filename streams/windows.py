@@ -268,9 +268,10 @@ class PartitionWindows:
             ts = r["event_time_ms"]
             tenant = r["tenant_id"]
             metric = r["metric"]
-            slot = slots.get((tenant, ts - ts % grain))
+            key = (tenant, ts - ts % grain)
+            slot = slots.get(key)
             if slot is None:
-                slot = slots[(tenant, ts - ts % grain)] = self._slot(tenant, ts, closed, final)
+                slot = slots[key] = self._slot(tenant, ts, closed, final)
                 if slot.release_at > release_at:
                     release_at = slot.release_at
             if slot.late:

@@ -363,7 +363,7 @@ class _GcPause:
 
     def __init__(self) -> None:
         self._batches = 0
-        self._at_exit = False
+        atexit.register(gc.unfreeze)  # harmless when nothing was frozen
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -379,9 +379,6 @@ class _GcPause:
                 self._batches = 0
                 gc.unfreeze()
             else:
-                if not self._at_exit:
-                    atexit.register(gc.unfreeze)
-                    self._at_exit = True
                 gc.freeze()
             gc.enable()
 
