@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from metering.config import Settings
 from schemas import CodecError, encode_dead_letter, envelope_codec, window_codec
@@ -29,7 +30,7 @@ from schemas.codec import SINGLE_OBJECT_MAGIC
 from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS
 from streams.dedup import EventIdFilter, TableBackedFilters
 from streams.normalize import invalid_records
-from streams.offsets import OffsetGuard, Verdict
+from streams.offsets import RESEEK_AFTER_S, OffsetGuard, Verdict
 from streams.tables import StreamTables
 from streams.topics import StreamTopics
 from streams.windows import PartitionWindows, WindowConfig
@@ -67,7 +68,8 @@ class WindowState:
     partitions: dict[int, PartitionWindows] = field(default_factory=dict)
     held: dict[int, list[tuple[int, int, Any]]] = field(default_factory=dict)
     last_seen: dict[int, float] = field(default_factory=dict)
-    seeking: dict[int, int] = field(default_factory=dict)  # partition -> offset sought back to
+    # partition -> (offset sought back to, monotonic time of the seek, topic partition)
+    seeking: dict[int, tuple[int, float, Any]] = field(default_factory=dict)
 
     def of(self, partition: int, saved: Any, ids: EventIdFilter | None = None) -> PartitionWindows:
         """The windows of one input partition, restored from ``saved`` on first use."""
@@ -89,14 +91,24 @@ class WindowState:
             self.seeking.pop(p, None)
 
     async def seek_back(self, app: faust.App, tp: Any, offset: int) -> None:
-        """Seek a partition back to ``offset`` once (later messages of the same fetch are
-        skipped until the re-read reaches them)."""
-        if self.seeking.get(tp.partition) == offset:
+        """Seek a partition back to ``offset`` (later messages of the same fetch are skipped
+        until the re-read reaches them); again only when the re-read has not begun within
+        ``RESEEK_AFTER_S`` (a seek can be lost, see streams/offsets.py)."""
+        now = time.monotonic()
+        sought = self.seeking.get(tp.partition)
+        if sought is not None and sought[0] == offset and now - sought[1] < RESEEK_AFTER_S:
             return
-        self.seeking[tp.partition] = offset
-        log.info("windows: %s[%d] restored state needs offset %d first; seeking back",
-                 tp.topic, tp.partition, offset)
+        self.seeking[tp.partition] = (offset, now, tp)
+        log.log(logging.INFO if sought is None else logging.WARNING,
+                "windows: %s[%d] restored state needs offset %d first; seeking back%s",
+                tp.topic, tp.partition, offset, "" if sought is None else " again")
         await app.consumer.seek_wait({tp: offset})
+
+    def overdue_seeks(self) -> list[tuple[Any, int]]:
+        """Seeks back whose re-read has not begun within ``RESEEK_AFTER_S``:
+        (topic partition, offset) to seek again."""
+        now = time.monotonic()
+        return [(tp, off) for off, at, tp in self.seeking.values() if now - at >= RESEEK_AFTER_S]
 
 
 class RecentlyEncoded:
@@ -338,6 +350,8 @@ def install_agents(
                         # read the partition again from there, and skip what comes before it
                         await state.seek_back(app, msg.tp, resume)
                         continue
+                    if state.seeking:
+                        state.seeking.pop(part, None)  # the re-read has begun
                     verdict = record_offsets.check((msg.topic, part), msg.offset)
                     if verdict is not Verdict.PROCESS:
                         await _skip(app, record_offsets, verdict, msg)
@@ -386,6 +400,19 @@ def install_agents(
                     if part in state.partitions:
                         persist_and_release(part)
 
+    @app.timer(interval=1.0)
+    async def seek_again() -> None:
+        # a seek whose re-read never came (see streams/offsets.py) is sent again even when
+        # no further message arrives to notice it: the partition's last windows depend on it
+        try:
+            for guard in (source_offsets, record_offsets):
+                for key, offset in guard.overdue():
+                    await app.consumer.seek_wait({TP(*key): offset})
+            for tp, offset in state.overdue_seeks():
+                await state.seek_back(app, tp, offset)
+        except Exception:  # a partition revoked meanwhile: its new owner starts afresh
+            log.exception("seeking again failed")
+
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
         # Faust seeks assigned partitions to their committed offsets: rebuild from saved state
@@ -407,7 +434,7 @@ def install_agents(
                                if tp.topic == topics.records.get_topic_name()})
         source_offsets.forget({(tp.topic, tp.partition) for tp in revoked if tp.topic in sources})
 
-    del normalize, windows, close_idle_windows, on_revoked, on_assigned  # registered on the app
+    del normalize, windows, close_idle_windows, seek_again, on_revoked, on_assigned  # registered on the app
     return state
 
 

@@ -15,6 +15,15 @@ If the re-read after a seek hands over the first skipped offset again without th
 filled, the hole is real (never the case on our topics, but a compacted or transactional
 topic has such gaps) and processing goes on from there, with a warning.
 
+A seek can be lost. Faust's fetch loop drops every message at or below the last offset it
+delivered, and a fetch that was already under way when the seek ran goes on delivering (and
+raising that offset) after it: the re-read is then dropped whole and the partition is
+skipped for good — seen in CI as one partition's last windows never closing after a
+SIGKILL. So a seek whose re-read has not begun within ``RESEEK_AFTER_S`` is sent again:
+by the next message that is skipped, or, when nothing more comes, by the agent's timer
+(:meth:`OffsetGuard.overdue`). Seeking again is harmless: what was processed meanwhile is
+``REDELIVERED``.
+
 Skipped messages must never be acked by Faust's automatic ack (that would let the commit
 pass what was not processed): the agents hold a reference on every message of a batch and
 release only what they processed.
@@ -24,9 +33,13 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Iterable
 
-__all__ = ["Key", "OffsetGuard", "Verdict"]
+__all__ = ["RESEEK_AFTER_S", "Key", "OffsetGuard", "Verdict"]
+
+#: seconds after which a seek whose re-read has not begun is sent again
+RESEEK_AFTER_S = 2.0
 
 #: an input partition: (topic, partition number)
 Key = tuple[str, int]
@@ -49,17 +62,20 @@ class OffsetGuard:
     def __init__(self, name: str) -> None:
         self.name = name
         self._expected: dict[Key, int] = {}
-        self._sought: dict[Key, tuple[int, int]] = {}  # partition -> (sought, first skipped)
+        # partition -> (offset sought, first offset skipped, monotonic time of the last seek)
+        self._sought: dict[Key, tuple[int, int, float]] = {}
         self._last_redelivered: dict[Key, int] = {}
         self.redelivered = 0
         self.holes = 0
+        self.reseeks = 0
 
     def expected(self, partition: Key) -> int | None:
         """The next offset this agent must process in ``partition`` (None: not known yet)."""
         return self._expected.get(partition)
 
-    def check(self, partition: Key, offset: int) -> Verdict:
-        """The verdict for the message at ``offset`` of ``partition``."""
+    def check(self, partition: Key, offset: int, now: float | None = None) -> Verdict:
+        """The verdict for the message at ``offset`` of ``partition`` (``now``: monotonic
+        seconds, for tests)."""
         exp = self._expected.get(partition)
         if exp is None or offset == exp:
             self._sought.pop(partition, None)
@@ -71,9 +87,10 @@ class OffsetGuard:
                          self.name, partition, offset)
             self._last_redelivered[partition] = offset
             return Verdict.REDELIVERED
+        now = time.monotonic() if now is None else now
         sought = self._sought.get(partition)
         if sought is None or sought[0] != exp:
-            self._sought[partition] = (exp, offset)
+            self._sought[partition] = (exp, offset, now)
             self.holes += 1
             log.warning("%s: %s jumped from %d to %d; seeking back to %d",
                         self.name, partition, exp - 1, offset, exp)
@@ -83,7 +100,27 @@ class OffsetGuard:
                         self.name, partition, exp, offset - 1, offset)
             self._sought.pop(partition, None)
             return Verdict.PROCESS
+        if now - sought[2] >= RESEEK_AFTER_S:
+            self._reseek(partition, sought, now)
+            return Verdict.SEEK
         return Verdict.SKIP
+
+    def overdue(self, now: float | None = None) -> list[tuple[Key, int]]:
+        """Partitions whose seek's re-read has not begun within ``RESEEK_AFTER_S``, with the
+        offset to seek them to again; the caller seeks each (their clocks restart now)."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for partition, sought in list(self._sought.items()):
+            if now - sought[2] >= RESEEK_AFTER_S:
+                self._reseek(partition, sought, now)
+                out.append((partition, sought[0]))
+        return out
+
+    def _reseek(self, partition: Key, sought: tuple[int, int, float], now: float) -> None:
+        self.reseeks += 1
+        log.warning("%s: %s: no re-read from %d %.1f s after seeking there; seeking again",
+                    self.name, partition, sought[0], now - sought[2])
+        self._sought[partition] = (sought[0], sought[1], now)
 
     def processed(self, partition: Key, offset: int) -> None:
         """Record that ``offset`` was processed: the next one is expected."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.offsets import OffsetGuard, Verdict
+from streams.offsets import RESEEK_AFTER_S, OffsetGuard, Verdict
 
 P = ("usage.vm", 0)
 
@@ -59,3 +59,37 @@ def test_partitions_and_topics_are_separate_and_forgotten_on_reassignment() -> N
     g.forget([P])
     assert g.expected(P) is None
     assert g.check(P, 50) is Verdict.PROCESS  # a new assignment starts where Faust says
+
+
+def test_a_seek_whose_reread_never_comes_is_sent_again_by_the_next_skipped_message() -> None:
+    # Faust drops re-read messages at or below the last offset it delivered, and a fetch in
+    # flight during the seek raises that offset: the re-read can be lost, so seek again
+    g = OffsetGuard("t")
+    g.check(P, 107, now=0.0)
+    g.processed(P, 107)
+    assert g.check(P, 118, now=10.0) is Verdict.SEEK
+    assert g.check(P, 119, now=10.0 + RESEEK_AFTER_S / 2) is Verdict.SKIP
+    assert g.check(P, 120, now=10.0 + RESEEK_AFTER_S) is Verdict.SEEK  # lost: again
+    assert g.expected(P) == 108
+    assert g.check(P, 121, now=10.0 + RESEEK_AFTER_S + 0.1) is Verdict.SKIP  # clock restarted
+    assert g.check(P, 108, now=20.0) is Verdict.PROCESS
+    g.processed(P, 108)
+    assert (g.holes, g.reseeks) == (1, 1)
+    assert g.overdue(now=100.0) == []  # the re-read came: nothing left to seek
+
+
+def test_overdue_seeks_are_listed_once_per_period_for_the_timer() -> None:
+    # the last messages of a partition: nothing more arrives to notice the lost seek
+    g = OffsetGuard("t")
+    other = ("usage.vm", 1)
+    g.check(P, 5, now=0.0)
+    g.processed(P, 5)
+    g.check(other, 0, now=0.0)
+    g.processed(other, 0)
+    assert g.check(P, 9, now=1.0) is Verdict.SEEK
+    assert g.overdue(now=1.0 + RESEEK_AFTER_S / 2) == []
+    assert g.overdue(now=1.0 + RESEEK_AFTER_S) == [(P, 6)]
+    assert g.overdue(now=1.0 + RESEEK_AFTER_S + 0.1) == []  # its clock restarted
+    assert g.overdue(now=1.0 + 2 * RESEEK_AFTER_S) == [(P, 6)]
+    g.forget([P])
+    assert g.overdue(now=100.0) == []
