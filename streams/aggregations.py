@@ -10,6 +10,7 @@ from __future__ import annotations
 import decimal
 from dataclasses import dataclass, field
 from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
 __all__ = [
@@ -103,11 +104,11 @@ class MetricState:
         if kind == "unique_count":
             return Decimal(len(self.distinct))
         # resource_mean: each resource's mean sample, summed over resources — a tenant's
-        # average footprint of a gauge (memory) during the window
-        total = _ZERO
-        for s, n in self.per_resource.values():
-            total = _CTX.add(total, _CTX.divide(s, n))
-        return total
+        # average footprint of a gauge (memory) during the window. Summed as exact fractions
+        # and divided once: adding rounded means made the last digit depend on the order the
+        # resources first arrived in, which a total halfway between two billed values shows
+        total = sum((Fraction(s) / n for s, n in self.per_resource.values()), Fraction(0))
+        return _CTX.divide(Decimal(total.numerator), Decimal(total.denominator))
 
 
     def _time_weighted(self, window_end_ms: int | None) -> Decimal:
