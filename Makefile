@@ -28,8 +28,10 @@ system-venv:
 	fi
 
 # The test suite runs real servers: ClickHouse (Debian's clickhouse-server, native protocol)
-# and Prometheus (Debian's prometheus, for the container producer's tests).
-SYSTEM_PACKAGES := clickhouse-server:/usr/sbin/clickhouse-server prometheus:/usr/bin/prometheus
+# and Prometheus (Debian's prometheus, for the container producer's tests); the Redis
+# Enterprise producer's tests make TLS certificates with the openssl command line tool.
+SYSTEM_PACKAGES := clickhouse-server:/usr/sbin/clickhouse-server prometheus:/usr/bin/prometheus \
+	openssl:/usr/bin/openssl
 system-deps:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do pkg=$${entry%%:*}; path=$${entry#*:}; \
 	  command -v $$pkg >/dev/null || [ -x $$path ] || missing="$$missing $$pkg"; done; \
