@@ -1,5 +1,6 @@
 """The VM ingest gateway against a real Tansu broker: every endpoint, exact deltas read back
-from Kafka, invalid bodies, binary protobuf, and a broker outage (SIGSTOP) mid-request.
+from Kafka, invalid bodies, binary protobuf, and broker outages: paused (SIGSTOP) before a
+request, and killed (SIGKILL) while a request waits for Kafka's acknowledgement.
 
 Nothing is mocked: records are consumed from ``usage.vm`` and decoded with the envelope codec.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
 
@@ -350,3 +352,77 @@ def test_a_paused_broker_gets_503_never_200_and_the_retry_succeeds(tmp_path: Any
         if gw is not None:
             gw.stop()
         broker.stop()
+
+
+def kill_broker(broker: TansuBroker) -> None:
+    """SIGKILL the broker (works on a SIGSTOPped process too) and reap it: truly gone, its port
+    closed. TansuBroker has no kill of its own (outages are pauses there), hence ``_proc``;
+    its ``stop()`` afterwards is a no-op."""
+    proc = broker._proc
+    assert proc is not None and proc.poll() is None
+    proc.kill()
+    proc.wait(5)
+
+
+def test_a_broker_killed_while_a_request_waits_for_its_ack_gets_503_never_200(tmp_path: Any) -> None:
+    broker = TansuBroker(log_path=tmp_path / "tansu.log").start()  # our own: killing it hurts no one else
+    gw: VmGateway | None = None
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="in-flight-post")
+    ack_timeout = 2.0  # the gateway's --ack-timeout; production's 10 s would only make this slower
+    try:
+        s = load_settings(kafka_bootstrap_servers=broker.bootstrap_servers, topic_prefix="kill.",
+                          topic_partitions=2)
+        ensure_topics(s, broker.bootstrap_servers)
+        # librdkafka's own delivery timeout (default 300 s), kept longer than ack_timeout so the
+        # answer comes from the gateway's wait; it lets the gateway's stop() (a 5 s flush) see
+        # the undeliverable envelope fail, which releases the producer and its threads
+        gw = VmGateway(broker.bootstrap_servers, s.topic("usage.vm"), ack_timeout=ack_timeout,
+                       publisher_config={"message.timeout.ms": 4000}).start()
+        t0 = now_s()
+        r = post(gw, "NotifyVmStarted", {"vmId": "vm-k", "customerId": "cust-k", "startTime": str(t0)})
+        assert r.status_code == 200, r.text
+
+        def batch(i: int) -> dict[str, Any]:
+            return {"vmId": "vm-k", "customerId": "cust-k", "metrics": [
+                {"timestamp": rfc3339_ns(t0 + i * S), "cpuTimeNanos": str(1000 * i),
+                 "memoryUsageBytes": "4"}]}
+
+        r = post(gw, "SendMetricsBatch", batch(1))  # the path works while the broker is up
+        assert r.status_code == 200 and r.json() == {"success": True, "message": "processed 1 metrics"}
+        before = httpx.get(gw.url + "/stats").json()
+        assert before["published"] == 1 + 6 and before["in_flight_envelopes"] == 0
+
+        broker.pause()  # Kafka holds the next produce request without answering it...
+        began = time.monotonic()
+        pending = pool.submit(post, gw, "SendMetricsBatch", batch(2))
+        # ...until the gateway has produced this request's envelope and awaits its ack
+        deadline = began + ack_timeout / 2  # leaves the kill well inside the request's wait
+        while httpx.get(gw.url + "/stats").json()["in_flight_envelopes"] == 0:
+            assert time.monotonic() < deadline, "the gateway never produced the request's records"
+            assert not pending.done(), pending.result().text
+            time.sleep(0.02)
+        time.sleep(0.2)  # linger.ms is 5: the produce request is written to the frozen broker's socket
+        assert not pending.done(), "answered before the broker was killed"
+        kill_broker(broker)  # truly stopped: its sockets close, reconnects are refused
+        killed = time.monotonic()
+        assert killed - began < ack_timeout - 0.5, killed - began
+
+        r = pending.result(timeout=ack_timeout + 5)  # bounded: never a hang
+        took = time.monotonic() - began
+        assert 500 <= r.status_code < 600, (r.status_code, r.text)
+        assert r.status_code == 503 and r.json()["code"] == "unavailable", r.text
+        assert killed - began < took < ack_timeout + 2, (killed - began, took)
+
+        stats = httpx.get(gw.url + "/stats").json()  # the server survived and counted no records
+        assert stats["published"] == before["published"]
+        assert stats["errors"] == before["errors"] + 1 and stats["timeouts"] == before["timeouts"] + 1
+        health = httpx.get(gw.url + "/health", timeout=30)  # documented: 503 while Kafka is down
+        assert health.status_code == 503, health.text
+        assert health.json()["status"] == "unavailable"
+        gw.stop()
+        assert gw.snapshot()["in_flight_envelopes"] == 0  # every envelope reported: nothing left behind
+    finally:
+        if gw is not None:
+            gw.stop()  # (a no-op when stopped) also ends a pending request, so the thread below ends
+        pool.shutdown(wait=True)
+        broker.stop()  # no-op once killed; stops it if the test failed before the kill
