@@ -154,6 +154,13 @@ def dump_topics(s: Settings, path: Path) -> None:
     c.close()
 
 
+def log_excerpt(path: Path, most: int = 60) -> str:
+    """The worker log's warnings, errors and seeks: CI keeps only what a failure prints."""
+    keep = [line for line in path.read_text(errors="replace").splitlines()
+            if any(w in line for w in ("WARN", "ERROR", "seek", "starts from", "assigned"))]
+    return "\n".join(keep[-most:])
+
+
 def differences(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
     """Readable differences between two window sets (field by field)."""
     out = [f"missing {k}" for k in want.keys() - got.keys()]
@@ -263,7 +270,8 @@ def test_sigkill_and_restart_gives_the_uninterrupted_windows_and_alerts(
     diffs = differences(result, baseline)
     if diffs:
         dump_topics(s, tmp_path / "topics.jsonl")
-    assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs)
+    assert not diffs, (f"{len(diffs)} differences:\n" + "\n".join(diffs)
+                       + "\nworker log, warnings and seeks:\n" + log_excerpt(w.log_path))
     assert w.log_path.read_text().count("Worker ready") >= 2  # the restarted worker did the rest
     # quota alerts: each fired once across the kill, and exactly the uninterrupted run's
     twice = {k: n for k, n in Counter(a["alert_id"] for a in fired).items() if n > 1}
