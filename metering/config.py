@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     webhook_url: str | None = None
     webhook_secret: str | None = Field(default=None, description="whsec_<base64>")
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_alerts: bool = Field(
+        default=True, description="The webhook sink also delivers quota.alerts (usage.window format)."
+    )
 
     sink_batch_size: int = Field(default=10_000, ge=1)
     sink_flush_seconds: float = Field(default=1.0, gt=0)

@@ -133,8 +133,8 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
             stored = backend.query(
                 "SELECT count() FROM (SELECT DISTINCT window_id FROM usage_windows "
                 f"WHERE window_end_ms - window_start_ms = {size_ms})")[0][0]
-            reports = sum(1 for r in receiver.reports
-                          if r["payload"]["window_end_ms"] - r["payload"]["window_start_ms"] == size_ms)
+            reports = sum(1 for r in receiver.reports if r["payload"].get("type") == "usage.window"
+                          and r["payload"]["window_end_ms"] - r["payload"]["window_start_ms"] == size_ms)
             if stored >= len(expected) and reports >= len(expected):
                 break
             time.sleep(1)

@@ -1,4 +1,5 @@
-"""The webhook sink: closed windows delivered to a billing endpoint, signed and retried.
+"""The webhook sink: closed windows and quota alerts delivered to a billing endpoint, signed
+and retried.
 
 Delivery IS the persist step of this sink: :meth:`WebhookSink.write` returns only once every
 record of the batch was delivered or dead-lettered (and the dead letters acknowledged by
@@ -31,14 +32,18 @@ under the same ids, rather than being dead-lettered or holding the shutdown for 
 Payload formats (``payload_format``):
 
 * ``"usage.window"`` (default): the whole window, decimals as exact fixed-point strings;
-* ``"report"``: one usage report per window, ``{"name", "startTime", "endTime",
+  quota alerts (from ``quota.alerts``, when the sink is given that topic) as the
+  ``quota.alert`` document of :func:`alert_payload`;
+* ``"report"``: one usage report per window (alerts are not usage: a report-format sink
+  delivers windows only), ``{"name", "startTime", "endTime",
   "value": {"int64Value"}, "labels": {"tenant_id"}}``. The value is the window's billing score
   (or the total of ``report_metric`` when one is configured) rounded half-up to an integer
   (ties away from zero: 2.5 -> 3; scores are never negative in practice). A value that does
   not fit in an int64 is dead-lettered ("not attempted"), never clamped.
 
 ``webhook-id`` is ``msg_`` + the first 24 hex digits of sha256(window_id) (for the report
-format, of ``report:<name>|window_id``, so two report names never collide at a receiver).
+format, of ``report:<name>|window_id``, so two report names never collide at a receiver; for
+an alert, of ``alert|alert_id``).
 """
 
 from __future__ import annotations
@@ -61,17 +66,19 @@ import orjson
 
 from metering.config import Settings
 from metering.errors import ConfigError
-from metering.topics import DLQ, WINDOWS
-from schemas import encode_dead_letter, window_codec
+from metering.topics import ALERTS, DLQ, WINDOWS
+from schemas import encode_dead_letter, quota_alert_codec, window_codec
 from sinks.base import Batch, BatchingSink, SinkRecord
 from sinks.errors import SinkUnavailableError
 from sinks.signing import decode_secret, signature_headers
 
 __all__ = [
+    "ALERT_SCOPE",
     "PAYLOAD_FORMATS",
     "DeliveryOutcome",
     "PayloadFormat",
     "WebhookSink",
+    "alert_payload",
     "parse_retry_after",
     "report_payload",
     "webhook_id",
@@ -94,6 +101,8 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 #: (300 s) would evict a consumer whose write() takes longer than that
 _MAX_POLL_INTERVAL_MS = 900_000
 _USER_AGENT = "kafka-usage-metering-webhook/1"
+#: the ``webhook-id`` scope of quota alerts (``webhook_id(alert_id, ALERT_SCOPE)``)
+ALERT_SCOPE = "alert"
 
 
 # ---- payloads ----------------------------------------------------------------------------------
@@ -143,6 +152,24 @@ def window_payload(window: Mapping[str, Any]) -> dict[str, Any]:
         "score": _dec(window["score"]),
         "late_samples": window.get("late_samples", 0),
         "has_gap": window.get("has_gap", False),
+    }
+
+
+def alert_payload(alert: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``quota.alert`` JSON document of one QuotaAlert dict."""
+    return {
+        "type": "quota.alert",
+        "id": alert["alert_id"],
+        "tenant_id": alert["tenant_id"],
+        "metric": alert["metric"],
+        "period": alert["period"],
+        "period_start": _iso(alert["period_start_ms"]),
+        "period_start_ms": alert["period_start_ms"],
+        "threshold_percent": alert["threshold_percent"],
+        "limit": _dec(alert["limit"]),
+        "used": _dec(alert["used"]),
+        "crossed_at_window_end": _iso(alert["crossed_at_window_end_ms"]),
+        "crossed_at_window_end_ms": alert["crossed_at_window_end_ms"],
     }
 
 
@@ -228,7 +255,8 @@ class _Stopping(Exception):
 
 
 class WebhookSink(BatchingSink):
-    """Deliver closed windows from ``usage.windows`` to a webhook, signed and retried."""
+    """Deliver closed windows from ``usage.windows`` (and quota alerts from ``alerts_topic``,
+    when given) to a webhook, signed and retried."""
 
     name = "webhook-sink"
 
@@ -239,6 +267,7 @@ class WebhookSink(BatchingSink):
         bootstrap_servers: str,
         windows_topic: str,
         group_id: str,
+        alerts_topic: str | None = None,
         dlq_topic: str,
         secret: str | None = None,
         payload_format: PayloadFormat = "usage.window",
@@ -266,6 +295,9 @@ class WebhookSink(BatchingSink):
         """
         if payload_format not in PAYLOAD_FORMATS:
             raise ValueError(f"payload_format must be one of {PAYLOAD_FORMATS}, not {payload_format!r}")
+        if alerts_topic and payload_format == "report":
+            raise ValueError("the report format carries usage only: deliver quota alerts with a "
+                             "usage.window-format sink")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if max_concurrency < 1:
@@ -280,8 +312,11 @@ class WebhookSink(BatchingSink):
             decode_secret(secret)  # fail at start-up, not at the first delivery
         conf: dict[str, Any] = {"max.poll.interval.ms": _MAX_POLL_INTERVAL_MS}
         conf.update(consumer_config or {})
+        topics = {windows_topic: window_codec()}
+        if alerts_topic:
+            topics[alerts_topic] = quota_alert_codec()
         super().__init__(
-            topics={windows_topic: window_codec()},
+            topics=topics,
             bootstrap_servers=bootstrap_servers,
             group_id=group_id,
             dlq_topic=dlq_topic,
@@ -291,6 +326,7 @@ class WebhookSink(BatchingSink):
         )
         self.url = url
         self.windows_topic = windows_topic
+        self.alerts_topic = alerts_topic or None
         self.secret = secret or None
         self.payload_format: PayloadFormat = payload_format
         self.report_metric = report_metric
@@ -331,6 +367,7 @@ class WebhookSink(BatchingSink):
         """Build the sink from settings; ``url``/``secret`` default to WEBHOOK_URL/WEBHOOK_SECRET.
 
         ``kwargs`` override any constructor argument (``payload_format``, ``max_attempts`` ...).
+        Quota alerts are delivered too when WEBHOOK_ALERTS is on and the format is the default.
         """
         target = url or settings.webhook_url
         if not target:
@@ -345,6 +382,8 @@ class WebhookSink(BatchingSink):
             "timeout_seconds": settings.webhook_timeout_seconds,
         }
         params.update(kwargs)
+        if "alerts_topic" not in params and params.get("payload_format", "usage.window") != "report":
+            params["alerts_topic"] = settings.topic(ALERTS) if settings.webhook_alerts else None
         return cls(
             url=target,
             secret=secret if secret is not None else settings.webhook_secret,
@@ -377,7 +416,6 @@ class WebhookSink(BatchingSink):
             return None
 
     def _dead_letter_failed(self, failed: list[DeliveryOutcome]) -> None:
-        codec = window_codec()
         for outcome in failed:
             rec = outcome.record
             reason = outcome.reason()
@@ -392,7 +430,7 @@ class WebhookSink(BatchingSink):
                     stage=self.name,
                     reason=reason,
                     key=rec.key,
-                    payload=codec.encode(rec.value),
+                    payload=self.codecs[rec.topic].encode(rec.value),
                 ),
                 key=rec.key,
             )
@@ -409,13 +447,20 @@ class WebhookSink(BatchingSink):
             return webhook_id(window["window_id"], f"report:{self.report_name}"), orjson.dumps(body)
         return webhook_id(window["window_id"]), orjson.dumps(window_payload(window))
 
-    def deliver(self, record: SinkRecord) -> DeliveryOutcome:
-        """POST one window until it is delivered, refused for good, or the attempts run out.
+    def alert_message(self, alert: Mapping[str, Any]) -> tuple[str, bytes]:
+        """The ``webhook-id`` and JSON body of one quota alert."""
+        return webhook_id(alert["alert_id"], ALERT_SCOPE), orjson.dumps(alert_payload(alert))
 
-        A window that cannot be expressed in the payload format is refused without an attempt.
+    def deliver(self, record: SinkRecord) -> DeliveryOutcome:
+        """POST one window or alert until it is delivered, refused for good, or the attempts
+        run out. A window that cannot be expressed in the payload format is refused without an
+        attempt.
         """
         try:
-            msg_id, body = self.message(record.value)
+            if record.topic == self.alerts_topic:
+                msg_id, body = self.alert_message(record.value)
+            else:
+                msg_id, body = self.message(record.value)
         except (ValueError, TypeError) as exc:
             error = f"cannot build the {self.payload_format} payload: {exc}"
             return DeliveryOutcome(record, False, 0, None, error)

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-from schemas import CodecError, window_codec
-from sinks.webhook import webhook_id
+from schemas import CodecError, quota_alert_codec, window_codec
+from sinks.webhook import ALERT_SCOPE, webhook_id
 
 __all__ = [
     "ALERT_COLUMNS",
@@ -169,9 +169,9 @@ def delivery_row(
 
     The payload of a webhook dead letter is the undelivered WindowResult; its ``window_id``
     gives the ``webhook-id`` every delivery of it carried (the default payload format's id: a
-    sink configured with the ``report`` format scopes its ids by report name). A payload that
-    is not a WindowResult (a future alert delivery, say) leaves ``window_id`` empty; the
-    tenant then comes from the message key.
+    sink configured with the ``report`` format scopes its ids by report name); that of a quota
+    alert is the QuotaAlert, whose ``alert_id`` gives its id. Any other payload leaves both ids
+    empty; the tenant then comes from the message key.
     """
     if dead.get("stage") != WEBHOOK_STAGE:
         return None
@@ -179,15 +179,22 @@ def delivery_row(
     failure = parse_webhook_reason(reason)
     key = dead.get("key")
     tenant = key.decode("utf-8", "replace") if key else ""
-    window_id = ""
+    window_id = alert_id = msg_id = ""
+    payload = dead.get("payload") or b""
     try:
-        window = window_codec().decode(dead.get("payload") or b"")
+        window = window_codec().decode(payload)
         window_id, tenant = str(window["window_id"]), str(window["tenant_id"])
+        msg_id = webhook_id(window_id)
     except CodecError:
-        pass
+        try:
+            alert = quota_alert_codec().decode(payload)
+            alert_id, tenant = str(alert["alert_id"]), str(alert["tenant_id"])
+            msg_id = webhook_id(alert_id, ALERT_SCOPE)
+        except CodecError:
+            pass
     failed_ms = _ms(dead["failed_at_ms"])
     return (
-        webhook_id(window_id) if window_id else "", window_id, "", tenant, "dead_lettered",
+        msg_id, window_id, alert_id, tenant, "dead_lettered",
         min(failure.attempts, _MAX_UINT32), min(failure.last_status, _MAX_UINT16),
         failure.last_error, reason, epoch_seconds(failed_ms), failed_ms,
         dead["source_topic"], min(max(int(dead["source_partition"]), 0), _MAX_UINT32),

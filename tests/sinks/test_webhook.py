@@ -21,8 +21,9 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from metering.config import Settings
-from schemas import dead_letter_codec, window_codec
+from schemas import dead_letter_codec, quota_alert_codec, window_codec
 from sinks.base import Batch, SinkRecord
+from sinks.clickhouse.rows import DELIVERY_COLUMNS, delivery_row
 from sinks.errors import SinkUnavailableError
 from sinks.receiver import ReceiverServer
 from sinks.signing import generate_secret
@@ -320,6 +321,67 @@ def test_report_format_posts_one_integer_report_per_window(settings: Settings) -
     letters = _dead_letters(settings, 2)
     assert all(d["reason"].startswith("webhook delivery not attempted: cannot build the report payload")
                and "outside int64Value's range" in d["reason"] for d in letters)
+
+
+def _alert(tenant: str, threshold: int) -> dict[str, Any]:
+    """A QuotaAlert dict as the quota agent emits it."""
+    day = BASE_MS - BASE_MS % (24 * 3600_000)
+    return {
+        "alert_id": f"{tenant}|cpu_seconds|day|{day}|{threshold}", "tenant_id": tenant,
+        "metric": "cpu_seconds", "period": "day", "period_start_ms": day,
+        "threshold_percent": threshold, "limit": _dec("1000.5"),
+        "used": _dec(VALUES[0]) if threshold == 100 else _dec("800.400000001"),
+        "crossed_at_window_end_ms": BASE_MS + MINUTE,
+    }
+
+
+def test_quota_alerts_are_delivered_signed_with_their_own_ids_or_dead_lettered(
+        settings: Settings) -> None:
+    alerts = [_alert("acme", 80), _alert("acme", 100)]
+    topic = settings.topic("quota.alerts")
+    batch = Batch(topic, 0, [SinkRecord(topic, 0, i, b"acme", a, BASE_MS)
+                             for i, a in enumerate(alerts)])
+    secret = generate_secret()
+    # the second alert is refused for good (400): dead-lettered whole, as an alert
+    with ReceiverServer(secret=secret, failure_plan={2: "400"}.get) as receiver, _standalone(
+        _sink(settings, receiver.url, secret, max_concurrency=1)
+    ) as sink:
+        assert set(sink.codecs) == {settings.topic("usage.windows"), topic}
+        sink.write(batch)
+        reports = receiver.reports
+    assert (sink.delivered, sink.dead_lettered) == (1, 1)
+    # written out independently of the sink's code: exact decimals, ISO times, scoped id
+    acme_80 = alerts[0]
+    assert [(r["webhook_id"], r["payload"]) for r in reports] == [(
+        "msg_" + hashlib.sha256(f"alert|{acme_80['alert_id']}".encode()).hexdigest()[:24], {
+            "type": "quota.alert", "id": acme_80["alert_id"], "tenant_id": "acme",
+            "metric": "cpu_seconds", "period": "day", "period_start": "2024-01-31T00:00:00Z",
+            "period_start_ms": acme_80["period_start_ms"], "threshold_percent": 80,
+            "limit": "1000.500000000", "used": "800.400000001",
+            "crossed_at_window_end": "2024-01-31T23:01:00Z",
+            "crossed_at_window_end_ms": BASE_MS + MINUTE,
+        })]
+    (letter,) = _dead_letters(settings, 1)
+    assert letter["source_topic"] == topic and letter["stage"] == "webhook-sink"
+    assert quota_alert_codec().decode(letter["payload"]) == alerts[1]
+    # ... and the ClickHouse sink's webhook_deliveries row names the alert and its webhook-id
+    row = dict(zip(DELIVERY_COLUMNS, delivery_row(letter, topic="dlq", partition=0, offset=7),
+                   strict=True))
+    assert (row["webhook_id"], row["alert_id"], row["window_id"], row["tenant_id"]) == (
+        webhook_id(alerts[1]["alert_id"], "alert"), alerts[1]["alert_id"], "", "acme")
+    assert (row["status"], row["attempts"], row["last_status"]) == ("dead_lettered", 1, 400)
+
+
+def test_report_format_refuses_alerts_and_from_settings_follows_webhook_alerts(
+        settings: Settings) -> None:
+    with pytest.raises(ValueError, match="report format carries usage only"):
+        WebhookSink(url="http://127.0.0.1:9/", bootstrap_servers="127.0.0.1:9", windows_topic="w",
+                    group_id="g", dlq_topic="d", alerts_topic="a", payload_format="report")
+    off = settings.model_copy(update={"webhook_alerts": False})
+    for s, fmt, subscribed in ((settings, "report", False), (off, "usage.window", False),
+                               (settings, "usage.window", True)):
+        with _standalone(_sink(s, "http://127.0.0.1:9/", payload_format=fmt)) as sink:
+            assert (settings.topic("quota.alerts") in sink.codecs) is subscribed, (fmt, s.webhook_alerts)
 
 
 def test_stop_interrupts_retries_and_leaves_the_batch_uncommitted(settings: Settings) -> None:
