@@ -18,8 +18,9 @@ topic has such gaps) and processing goes on from there, with a warning.
 A seek can be lost. Faust's fetch loop drops every message at or below the last offset it
 delivered, and a fetch that was already under way when the seek ran goes on delivering (and
 raising that offset) after it: the re-read is then dropped whole and the partition is
-skipped for good — seen in CI as one partition's last windows never closing after a
-SIGKILL. So a seek whose re-read has not begun within ``RESEEK_AFTER_S`` is sent again:
+skipped for good (the one way found in the code for what CI once showed, a partition's last
+windows never closing after a SIGKILL; see docs/ARCHITECTURE.md). So a seek whose re-read
+has not begun within ``RESEEK_AFTER_S`` is sent again:
 by the next message that is skipped, or, when nothing more comes, by the agent's timer
 (:meth:`OffsetGuard.overdue`). Seeking again is harmless: what was processed meanwhile is
 ``REDELIVERED``.

@@ -90,6 +90,17 @@ class TansuBroker:
         if self._proc:
             os.kill(self._proc.pid, signal.SIGCONT)
 
+    def kill(self) -> bool:
+        """SIGKILL the broker (paused or not) and reap it: a broker that is truly gone, its
+        port closed. Later :meth:`resume` and :meth:`stop` do nothing. Returns whether a
+        running broker was killed."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return False
+        proc.kill()
+        proc.wait(5)
+        return True
+
     def stop(self) -> None:
         """Stop the broker; its data is gone (memory storage)."""
         proc, self._proc = self._proc, None
