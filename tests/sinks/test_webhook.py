@@ -106,10 +106,12 @@ def _msg_id(window_id: str) -> str:
     return "msg_" + hashlib.sha256(window_id.encode()).hexdigest()[:24]
 
 
-def _produce(settings: Settings, windows: Sequence[dict[str, Any]]) -> list[int]:
-    """Publish the windows; the next offset of each partition (what a full commit must reach)."""
+def _produce(settings: Settings, windows: Sequence[dict[str, Any]], name: str = "usage.windows",
+             codec: Any = None) -> list[int]:
+    """Publish the windows (or, with ``name`` and ``codec``, alerts); the next offset of each
+    partition (what a full commit must reach)."""
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all"})
-    codec = window_codec()
+    codec = codec or window_codec()
     ends = [0] * settings.topic_partitions
 
     def on_delivery(err: Any, msg: Any) -> None:
@@ -117,7 +119,7 @@ def _produce(settings: Settings, windows: Sequence[dict[str, Any]]) -> list[int]
         ends[msg.partition()] = max(ends[msg.partition()], msg.offset() + 1)
 
     for w in windows:
-        producer.produce(settings.topic("usage.windows"), codec.encode(w), key=w["tenant_id"].encode(),
+        producer.produce(settings.topic(name), codec.encode(w), key=w["tenant_id"].encode(),
                          on_delivery=on_delivery)
     assert producer.flush(30) == 0
     return ends
@@ -164,13 +166,13 @@ def _run_until(sink: WebhookSink, done: Callable[[], bool], timeout: float = 60.
         raise errors[0]
 
 
-def _committed(settings: Settings) -> list[int]:
-    """The sink group's committed offsets of usage.windows, per partition (0 when none).
+def _committed(settings: Settings, name: str = "usage.windows") -> list[int]:
+    """The sink group's committed offsets of ``name``, per partition (0 when none).
 
     Compared with the offsets the producer was told, not with get_watermark_offsets: Tansu
     0.6 answers ListOffsets(latest) with 1 for a partition holding one batch of 5 records.
     """
-    topic = settings.topic("usage.windows")
+    topic = settings.topic(name)
     parts = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
     c = Consumer({"bootstrap.servers": settings.kafka_bootstrap_servers,
                   "group.id": f"{settings.topic_prefix}webhook-sink", "enable.auto.commit": False})
@@ -419,9 +421,12 @@ def test_every_window_is_delivered_once_with_exact_values_then_committed(setting
 
 def test_flaky_receiver_gets_every_window_exactly_once_after_dedup(settings: Settings) -> None:
     """About half of the first 80 requests fail: 500, 429 (Retry-After 0 or 1) or a timeout
-    AFTER the receiver stored the report. Every report arrives, each once after dedup."""
+    AFTER the receiver stored the report. Every report and quota alert arrives, each once after
+    dedup."""
     windows = [_window(f"tenant-{t}", i) for t in range(5) for i in range(6)]
     ends = _produce(settings, windows)
+    alerts = [_alert(f"tenant-{t}", threshold) for t in range(2) for threshold in (80, 100)]
+    alert_ends = _produce(settings, alerts, "quota.alerts", quota_alert_codec())
     rng = random.Random(20240131)
     plan: dict[int, str] = {}
     for n in range(1, 81):
@@ -432,8 +437,10 @@ def test_flaky_receiver_gets_every_window_exactly_once_after_dedup(settings: Set
     max_attempts = len(plan) + 1
     with ReceiverServer(secret=secret, failure_plan=plan.get, stall_seconds=3.0) as receiver:
         sink = _sink(settings, receiver.url, secret, timeout_seconds=1.0, max_attempts=max_attempts)
-        _run_until(sink, lambda: sink.delivered >= len(windows), timeout=90)
-        reports = receiver.reports
+        _run_until(sink, lambda: sink.delivered >= len(windows) + len(alerts), timeout=90)
+        everything = receiver.reports
+        reports = [r for r in everything if r["payload"]["type"] == "usage.window"]
+        alert_reports = [r for r in everything if r["payload"]["type"] == "quota.alert"]
         stats = receiver.stats()
     kinds = stats["injected_by_kind"]
     assert kinds.get("500") and kinds.get("429") and kinds.get("timeout"), kinds
@@ -446,9 +453,13 @@ def test_flaky_receiver_gets_every_window_exactly_once_after_dedup(settings: Set
     # a timed-out request had been stored: its retry came back as a duplicate, with the same id
     assert 1 <= stats["duplicates"] <= kinds["timeout"]
     assert stats["rejected"] == 0  # every retry was signed afresh within the tolerance
-    assert (sink.delivered, sink.dead_lettered) == (30, 0)
-    assert sink.attempts == stats["received"] == 30 + stats["injected"]
+    assert sorted(r["webhook_id"] for r in alert_reports) == sorted(
+        webhook_id(a["alert_id"], "alert") for a in alerts)  # each alert exactly once too
+    assert len(everything) == 30 + 4
+    assert (sink.delivered, sink.dead_lettered) == (30 + 4, 0)
+    assert sink.attempts == stats["received"] == 30 + 4 + stats["injected"]
     assert _committed(settings) == ends
+    assert _committed(settings, "quota.alerts") == alert_ends
 
 
 def test_permanently_failing_endpoint_dead_letters_every_window(settings: Settings) -> None:
