@@ -14,6 +14,7 @@ from metering.errors import MeteringError
 __all__ = [
     "ALERTS",
     "ALL_TOPICS",
+    "DELIVERIES",
     "DLQ",
     "LATE",
     "LIMITS",
@@ -36,6 +37,7 @@ WINDOWS = "usage.windows"  # WindowResult, key = tenant
 LATE = "usage.late"  # UsageEnvelope of records later than the allowed lateness
 DLQ = "usage.dlq"  # DeadLetter
 ALERTS = "quota.alerts"  # QuotaAlert, key = tenant, partition = the tenant's usage.windows partition
+DELIVERIES = "webhook.deliveries"  # WebhookDelivery, key = tenant: one per successful webhook delivery
 LIMITS = "quota.limits"  # QuotaLimit, key = tenant|metric|period; compacted (a tombstone deletes)
 
 
@@ -53,6 +55,7 @@ ALL_TOPICS = [TopicSpec(t) for t in SOURCE_TOPICS.values()] + [
     TopicSpec(LATE),
     TopicSpec(DLQ),
     TopicSpec(ALERTS),
+    TopicSpec(DELIVERIES),
     TopicSpec(LIMITS, compacted=True),
 ]
 

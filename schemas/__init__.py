@@ -11,6 +11,7 @@ from schemas.codec import (
     quota_alert_codec,
     quota_limit_codec,
     record_codec,
+    webhook_delivery_codec,
     window_codec,
 )
 from schemas.deadletters import encode_dead_letter
@@ -27,5 +28,6 @@ __all__ = [
     "quota_alert_codec",
     "quota_limit_codec",
     "record_codec",
+    "webhook_delivery_codec",
     "window_codec",
 ]

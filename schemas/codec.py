@@ -31,6 +31,7 @@ __all__ = [
     "quota_alert_codec",
     "quota_limit_codec",
     "record_codec",
+    "webhook_delivery_codec",
     "window_codec",
 ]
 
@@ -74,6 +75,7 @@ _SCHEMA_FILES = {
     "metering.v1.DeadLetter": "dead_letter.avsc",
     "metering.v1.QuotaAlert": "quota_alert.avsc",
     "metering.v1.QuotaLimit": "quota_limit.avsc",
+    "metering.v1.WebhookDelivery": "webhook_delivery.avsc",
 }
 
 
@@ -410,3 +412,9 @@ def quota_alert_codec() -> AvroCodec:
 def quota_limit_codec() -> AvroCodec:
     """The codec of ``metering.v1.QuotaLimit`` (the values of ``quota.limits``)."""
     return AvroCodec("metering.v1.QuotaLimit")
+
+
+@cache
+def webhook_delivery_codec() -> AvroCodec:
+    """The codec of ``metering.v1.WebhookDelivery`` (the values of ``webhook.deliveries``)."""
+    return AvroCodec("metering.v1.WebhookDelivery")

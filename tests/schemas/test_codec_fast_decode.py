@@ -24,6 +24,7 @@ from schemas import (
     quota_alert_codec,
     quota_limit_codec,
     record_codec,
+    webhook_delivery_codec,
     window_codec,
 )
 
@@ -245,6 +246,40 @@ def test_quota_alert_round_trip(alert: dict[str, Any]) -> None:
 }))
 def test_quota_limit_round_trip(limit: dict[str, Any]) -> None:
     _round_trip(quota_limit_codec(), limit)
+
+
+@_SETTINGS
+@given(st.fixed_dictionaries({
+    "webhook_id": text, "window_id": text, "alert_id": text, "tenant_id": text,
+    "status": st.sampled_from(["delivered", "duplicate"]),
+    "attempts": st.integers(min_value=1, max_value=2**31 - 1),
+    "last_status": st.integers(min_value=100, max_value=599),
+    "delivered_at_ms": st.integers(min_value=0, max_value=2**62),
+    "source_topic": text, "source_partition": st.integers(min_value=0, max_value=2**31 - 1),
+    "source_offset": st.integers(min_value=0, max_value=2**62),
+    "payload_format": st.sampled_from(["usage.window", "report", "quota.alert"]),
+}))
+def test_webhook_delivery_round_trip(delivery: dict[str, Any]) -> None:
+    _round_trip(webhook_delivery_codec(), delivery)
+
+
+def test_webhook_delivery_is_single_object_encoded_under_its_own_fingerprint() -> None:
+    codec = webhook_delivery_codec()
+    delivery = {"webhook_id": "msg_0123456789abcdef01234567", "window_id": "acme|0|60000",
+                "alert_id": "", "tenant_id": "acme", "status": "delivered", "attempts": 3,
+                "last_status": 200, "delivered_at_ms": 1_706_742_000_000,
+                "source_topic": "usage.windows", "source_partition": 1, "source_offset": 42,
+                "payload_format": "usage.window"}
+    data = codec.encode(delivery)
+    assert data[:2] == b"\xc3\x01" and data[2:10] == struct.pack("<Q", codec.fingerprint)
+    assert codec.decode(data) == delivery
+    assert codec.fingerprint not in {c.fingerprint for c in (window_codec(), dead_letter_codec(),
+                                                             quota_alert_codec())}
+    with pytest.raises(CodecError):  # a window is not a delivery record
+        codec.decode(window_codec().encode({
+            "window_id": "w", "tenant_id": "t", "window_start_ms": 0, "window_end_ms": 1,
+            "totals": [], "sample_count": 0, "score": Decimal(0), "late_samples": 0,
+            "has_gap": False}))
 
 
 @_SETTINGS
