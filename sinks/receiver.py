@@ -67,6 +67,7 @@ class ReceiverServer:
         self._seen: set[str] = set()
         self._counts = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "injected": 0}
         self._injected: dict[str, int] = {}
+        self._posts_by_id: dict[str, int] = {}
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
@@ -93,6 +94,12 @@ class ReceiverServer:
         """Counts: received, stored, duplicates, rejected, injected (and injected per kind)."""
         with self._lock:
             return {**self._counts, "injected_by_kind": dict(self._injected)}
+
+    def posts_by_id(self) -> dict[str, int]:
+        """How many POST /webhook requests arrived per ``webhook-id`` header, failures that
+        were injected, rejected and duplicate requests included (a client's attempts)."""
+        with self._lock:
+            return dict(self._posts_by_id)
 
     def _load(self, path: Path) -> None:
         for line in path.read_bytes().splitlines():
@@ -141,6 +148,9 @@ class ReceiverServer:
 
     async def _handle_webhook(self, request: web.Request) -> web.StreamResponse:
         n = self._count("received")
+        header_id = request.headers.get(HEADER_ID, "").strip()
+        with self._lock:
+            self._posts_by_id[header_id] = self._posts_by_id.get(header_id, 0) + 1
         plan = self.failure_plan(n) if self.failure_plan is not None else None
         body = await request.read()
         if plan is not None and plan != "timeout":

@@ -2,11 +2,24 @@
 and retried.
 
 Delivery IS the persist step of this sink: :meth:`WebhookSink.write` returns only once every
-record of the batch was delivered or dead-lettered (and the dead letters acknowledged by
-Kafka), and only then does the batching base commit the offsets. A crash in between
-re-delivers the batch; that is harmless because every delivery of a window carries the same
-``webhook-id`` (derived from the window's identity, DESIGN rule 3) and the same body, so a
-receiver that dedupes on ``webhook-id`` sees each window exactly once.
+record of the batch was delivered or dead-lettered, and the batch's dead letters and delivery
+records (below) were acknowledged by Kafka; only then does the batching base commit the
+offsets. A crash in between re-delivers the batch; that is harmless because every delivery of
+a window carries the same ``webhook-id`` (derived from the window's identity, DESIGN rule 3)
+and the same body, so a receiver that dedupes on ``webhook-id`` sees each window exactly once.
+
+Delivery records: with ``deliveries_topic`` (``webhook.deliveries``, set by
+:meth:`WebhookSink.from_settings`) every delivered window or alert gets one
+``metering.v1.WebhookDelivery`` there (key = tenant): the ``webhook-id`` actually sent, the
+attempts it took, the HTTP status of the successful attempt, ``delivered`` or ``duplicate``
+(the receiver answered 409) and where the record came from. They are produced after the
+batch's deliveries, beside its dead letters, and one flush waits for both: a batch whose
+records Kafka does not acknowledge is not committed (SinkUnavailableError) and comes back, so
+a delivery is never committed without its record. The ClickHouse sink stores them in
+``webhook_deliveries`` next to the dead-lettered ones. A crash after the records are
+acknowledged but before the commit re-delivers the batch, and so writes a second record of
+the same ``webhook-id``: that is truthful, the receiver did get a second POST (and dedups it
+by ``webhook-id``). Count unique deliveries as ``uniqExact(webhook_id)``, not rows.
 
 Outcomes of one HTTP attempt:
 
@@ -66,13 +79,14 @@ import orjson
 
 from metering.config import Settings
 from metering.errors import ConfigError
-from metering.topics import ALERTS, DLQ, WINDOWS
-from schemas import encode_dead_letter, quota_alert_codec, window_codec
+from metering.topics import ALERTS, DELIVERIES, DLQ, WINDOWS
+from schemas import encode_dead_letter, quota_alert_codec, webhook_delivery_codec, window_codec
 from sinks.base import Batch, BatchingSink, SinkRecord
 from sinks.errors import SinkUnavailableError
 from sinks.signing import decode_secret, signature_headers
 
 __all__ = [
+    "ALERT_FORMAT",
     "ALERT_SCOPE",
     "PAYLOAD_FORMATS",
     "DeliveryOutcome",
@@ -103,6 +117,8 @@ _MAX_POLL_INTERVAL_MS = 900_000
 _USER_AGENT = "kafka-usage-metering-webhook/1"
 #: the ``webhook-id`` scope of quota alerts (``webhook_id(alert_id, ALERT_SCOPE)``)
 ALERT_SCOPE = "alert"
+#: ``payload_format`` of a delivery record of a quota alert (the document posted)
+ALERT_FORMAT = "quota.alert"
 
 
 # ---- payloads ----------------------------------------------------------------------------------
@@ -117,6 +133,10 @@ def webhook_id(window_id: str, scope: str = "") -> str:
     """
     ident = f"{scope}|{window_id}" if scope else window_id
     return "msg_" + hashlib.sha256(ident.encode()).hexdigest()[:24]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _iso(ms: int) -> str:
@@ -239,6 +259,10 @@ class DeliveryOutcome:
     status: int | None
     error: str
     duplicate: bool = False
+    #: the ``webhook-id`` sent ("" when no payload could be built)
+    webhook_id: str = ""
+    #: wall-clock time (ms) the last attempt ended; 0 when none was made
+    finished_ms: int = 0
 
     def reason(self) -> str:
         """A dead-letter reason naming the attempts and the last status or error."""
@@ -269,6 +293,7 @@ class WebhookSink(BatchingSink):
         group_id: str,
         alerts_topic: str | None = None,
         dlq_topic: str,
+        deliveries_topic: str | None = None,
         secret: str | None = None,
         payload_format: PayloadFormat = "usage.window",
         report_name: str | None = None,
@@ -292,6 +317,8 @@ class WebhookSink(BatchingSink):
         ``max_concurrency`` deliveries of a batch run at once (so windows may arrive out of
         order; each is self-contained). The consumer's ``max.poll.interval.ms`` defaults to
         15 minutes because a batch blocks the consume loop while it is delivered.
+        ``deliveries_topic``: where a WebhookDelivery record of each successful delivery goes
+        (None: no records).
         """
         if payload_format not in PAYLOAD_FORMATS:
             raise ValueError(f"payload_format must be one of {PAYLOAD_FORMATS}, not {payload_format!r}")
@@ -327,6 +354,7 @@ class WebhookSink(BatchingSink):
         self.url = url
         self.windows_topic = windows_topic
         self.alerts_topic = alerts_topic or None
+        self.deliveries_topic = deliveries_topic or None
         self.secret = secret or None
         self.payload_format: PayloadFormat = payload_format
         self.report_metric = report_metric
@@ -346,6 +374,10 @@ class WebhookSink(BatchingSink):
         self.attempts = 0
         #: records the receiver answered with 409 (already had them)
         self.duplicates = 0
+        #: delivery records acknowledged by Kafka on ``deliveries_topic``
+        self.delivery_records = 0
+        #: how long write() waits for Kafka to acknowledge a batch's dead letters and records
+        self.persist_timeout_seconds = 30.0
         self._counter_lock = threading.Lock()
         self._random = random.Random()
         self._client = httpx.Client(
@@ -368,6 +400,7 @@ class WebhookSink(BatchingSink):
 
         ``kwargs`` override any constructor argument (``payload_format``, ``max_attempts`` ...).
         Quota alerts are delivered too when WEBHOOK_ALERTS is on and the format is the default.
+        Successful deliveries are recorded on ``webhook.deliveries``.
         """
         target = url or settings.webhook_url
         if not target:
@@ -376,6 +409,7 @@ class WebhookSink(BatchingSink):
             "windows_topic": settings.topic(WINDOWS),
             "group_id": f"{settings.consumer_group_prefix}.webhook-sink",
             "dlq_topic": settings.topic(DLQ),
+            "deliveries_topic": settings.topic(DELIVERIES),
             # a batch blocks the consume loop while it is delivered: keep it moderate
             "batch_size": min(settings.sink_batch_size, 1000),
             "flush_seconds": settings.sink_flush_seconds,
@@ -394,20 +428,21 @@ class WebhookSink(BatchingSink):
     # ---- the persist step --------------------------------------------------------------------
 
     def write(self, batch: Batch) -> None:
-        """Deliver every record of the batch; dead-letter those that cannot be delivered.
+        """Deliver every record of the batch; dead-letter those that cannot be delivered, and
+        record the delivered ones on the deliveries topic.
 
-        Returns once each record is delivered or its dead letter is acknowledged by Kafka.
-        Raises SinkUnavailableError when the dead letters cannot be stored, or when the sink
-        is stopping mid-batch: then the batch is not committed and comes back after restart.
+        Returns once each record is delivered or dead-lettered and Kafka acknowledged the
+        batch's dead letters and delivery records. Raises SinkUnavailableError when those
+        cannot be stored, or when the sink is stopping mid-batch: then the batch is not
+        committed and comes back after restart.
         """
         if not batch.records:
             return
         outcomes = list(self._pool.map(self._deliver_safely, batch.records))
-        if any(o is None for o in outcomes):
+        done = [o for o in outcomes if o is not None]
+        if len(done) < len(outcomes):
             raise SinkUnavailableError("webhook sink stopping: batch left uncommitted for re-delivery")
-        failed = [o for o in outcomes if o is not None and not o.delivered]
-        if failed:
-            self._dead_letter_failed(failed)
+        self._persist_outcomes(done)
 
     def _deliver_safely(self, record: SinkRecord) -> DeliveryOutcome | None:
         try:
@@ -415,30 +450,67 @@ class WebhookSink(BatchingSink):
         except _Stopping:
             return None
 
-    def _dead_letter_failed(self, failed: list[DeliveryOutcome]) -> None:
-        for outcome in failed:
+    def _persist_outcomes(self, outcomes: list[DeliveryOutcome]) -> None:
+        """Produce the dead letters and delivery records of one batch, in offset order, and
+        wait once for Kafka to acknowledge all of them."""
+        failed = recorded = 0
+        for outcome in outcomes:
             rec = outcome.record
-            reason = outcome.reason()
-            log.error("%s: dead letter %s[%d]@%d: %s", self.name, rec.topic, rec.partition, rec.offset,
-                      reason)
-            self._dlq_producer.produce(
-                self.dlq_topic,
-                encode_dead_letter(
-                    topic=rec.topic,
-                    partition=rec.partition,
-                    offset=rec.offset,
-                    stage=self.name,
-                    reason=reason,
+            if not outcome.delivered:
+                reason = outcome.reason()
+                log.error("%s: dead letter %s[%d]@%d: %s", self.name, rec.topic, rec.partition,
+                          rec.offset, reason)
+                self._dlq_producer.produce(
+                    self.dlq_topic,
+                    encode_dead_letter(
+                        topic=rec.topic,
+                        partition=rec.partition,
+                        offset=rec.offset,
+                        stage=self.name,
+                        reason=reason,
+                        key=rec.key,
+                        payload=self.codecs[rec.topic].encode(rec.value),
+                    ),
                     key=rec.key,
-                    payload=self.codecs[rec.topic].encode(rec.value),
-                ),
-                key=rec.key,
-            )
-        if self._dlq_producer.flush(30) > 0:
-            raise SinkUnavailableError("dead-letter topic did not acknowledge in 30 s")
+                )
+                failed += 1
+            elif self.deliveries_topic is not None:
+                record = self.delivery_record(outcome)
+                self._dlq_producer.produce(
+                    self.deliveries_topic,
+                    webhook_delivery_codec().encode(record),
+                    key=record["tenant_id"].encode(),
+                )
+                recorded += 1
+        if not failed and not recorded:
+            return
+        if self._dlq_producer.flush(self.persist_timeout_seconds) > 0:
+            raise SinkUnavailableError(
+                f"dead-letter or delivery topic did not acknowledge in {self.persist_timeout_seconds:g} s: "
+                "batch left uncommitted")
         with self._counter_lock:
-            self.dead_lettered += len(failed)
-        self.stats.dead_letters += len(failed)
+            self.dead_lettered += failed
+            self.delivery_records += recorded
+        self.stats.dead_letters += failed
+
+    def delivery_record(self, outcome: DeliveryOutcome) -> dict[str, Any]:
+        """The ``metering.v1.WebhookDelivery`` of one delivered window or alert."""
+        rec = outcome.record
+        is_alert = rec.topic == self.alerts_topic
+        return {
+            "webhook_id": outcome.webhook_id,
+            "window_id": "" if is_alert else str(rec.value["window_id"]),
+            "alert_id": str(rec.value["alert_id"]) if is_alert else "",
+            "tenant_id": str(rec.value["tenant_id"]),
+            "status": "duplicate" if outcome.duplicate else "delivered",
+            "attempts": outcome.attempts,
+            "last_status": outcome.status or 0,
+            "delivered_at_ms": outcome.finished_ms,
+            "source_topic": rec.topic,
+            "source_partition": rec.partition,
+            "source_offset": rec.offset,
+            "payload_format": ALERT_FORMAT if is_alert else self.payload_format,
+        }
 
     def message(self, window: Mapping[str, Any]) -> tuple[str, bytes]:
         """The ``webhook-id`` and JSON body of one window, in the configured format."""
@@ -486,14 +558,16 @@ class WebhookSink(BatchingSink):
                     with self._counter_lock:
                         self.delivered += 1
                         self.duplicates += int(duplicate)
-                    return DeliveryOutcome(record, True, attempt, status, "", duplicate)
+                    return DeliveryOutcome(record, True, attempt, status, "", duplicate,
+                                           webhook_id=msg_id, finished_ms=_now_ms())
                 retryable = status >= 500 or status in _RETRY_STATUSES
                 if retryable:
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
                 else:
                     error = "not retried: " + response.text[:200].strip()
             if not retryable or attempt >= self.max_attempts:
-                return DeliveryOutcome(record, False, attempt, status, error)
+                return DeliveryOutcome(record, False, attempt, status, error, webhook_id=msg_id,
+                                       finished_ms=_now_ms())
             delay = self._backoff(attempt, retry_after)
             log.info("%s: %s attempt %d failed (%s), retrying in %.2fs", self.name, msg_id, attempt,
                      status if status is not None else error, delay)

@@ -20,14 +20,17 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from metering.config import Settings
-from schemas import dead_letter_codec, quota_alert_codec, window_codec
+from metering.config import Settings, load_settings
+from metering.embedded import TansuBroker
+from metering.topics import ensure_topics
+from schemas import dead_letter_codec, quota_alert_codec, webhook_delivery_codec, window_codec
 from sinks.base import Batch, SinkRecord
 from sinks.clickhouse.rows import DELIVERY_COLUMNS, delivery_row
 from sinks.errors import SinkUnavailableError
 from sinks.receiver import ReceiverServer
 from sinks.signing import generate_secret
 from sinks.webhook import WebhookSink, parse_retry_after, report_payload, webhook_id, window_payload
+from tests.topic_reader import read_all
 
 pytestmark = pytest.mark.integration
 
@@ -201,6 +204,19 @@ def _dead_letters(settings: Settings, expected: int, timeout: float = 20.0) -> l
     return out
 
 
+def _deliveries(settings: Settings) -> list[dict[str, Any]]:
+    """Every WebhookDelivery record on ``webhook.deliveries``, decoded, each with its key."""
+    return [{**webhook_delivery_codec().decode(m.value()), "key": m.key()}
+            for m in read_all(settings, "webhook.deliveries")]
+
+
+def _by_id(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Delivery records by webhook-id; fails if an id has two records."""
+    out = {r["webhook_id"]: r for r in records}
+    assert len(out) == len(records), "two delivery records of one webhook-id"
+    return out
+
+
 @contextmanager
 def _standalone(sink: WebhookSink) -> Iterator[WebhookSink]:
     """A sink used through write() only: never subscribed, closed afterwards."""
@@ -297,13 +313,31 @@ def test_status_classification_retry_after_and_dead_letters(settings: Settings) 
     assert window_codec().decode(by_status["HTTP 400"]["payload"]) == windows[0]
     assert by_status["HTTP 400"]["key"] == b"acme"
 
+    # one delivery record per delivered window (none for the dead-lettered ones): the 409 is
+    # a duplicate after 1 attempt; 429 then 200, and 408 then 200, took 2 attempts each
+    records = _by_id(_deliveries(settings))
+    topic = settings.topic("usage.windows")
+    assert {i: (r["status"], r["attempts"], r["last_status"], r["source_offset"])
+            for i, r in records.items()} == {
+        _msg_id(windows[1]["window_id"]): ("duplicate", 1, 409, 1),
+        _msg_id(windows[2]["window_id"]): ("delivered", 2, 200, 2),
+        _msg_id(windows[3]["window_id"]): ("delivered", 2, 200, 3),
+    }
+    assert all((r["window_id"], r["alert_id"], r["tenant_id"], r["key"], r["source_topic"],
+                r["source_partition"], r["payload_format"])
+               == (windows[r["source_offset"]]["window_id"], "", "acme", b"acme", topic, 0,
+                   "usage.window") for r in records.values())
+    assert sink.delivery_records == 3 and sink2.delivery_records == 0
+
 
 def test_report_format_posts_one_integer_report_per_window(settings: Settings) -> None:
     windows = [_window("initech", i) for i in range(6)]
     with ReceiverServer() as receiver, _standalone(
         _sink(settings, receiver.url, payload_format="report", report_name="billing_score")
     ) as sink:
+        t0 = int(time.time() * 1000)
         sink.write(_batch(settings, windows))
+        t1 = int(time.time() * 1000)
         reports = {r["webhook_id"]: r["payload"] for r in receiver.reports}
     # scores beyond int64 cannot be reported in this format: dead-lettered, never clamped
     rounded = {"0.000000001": 0, "0.000000000": 0, "2.500000000": 3, "7.125000000": 7}
@@ -323,6 +357,18 @@ def test_report_format_posts_one_integer_report_per_window(settings: Settings) -
     letters = _dead_letters(settings, 2)
     assert all(d["reason"].startswith("webhook delivery not attempted: cannot build the report payload")
                and "outside int64Value's range" in d["reason"] for d in letters)
+    # the delivery records name the id the receiver got: scoped by the report name
+    records = _by_id(_deliveries(settings))
+    scoped = {
+        "msg_" + hashlib.sha256(f"report:billing_score|{w['window_id']}".encode()).hexdigest()[:24]: w
+        for w in fits
+    }
+    assert set(records) == set(scoped) == set(reports)
+    assert not set(records) & {_msg_id(w["window_id"]) for w in windows}  # never the unscoped id
+    for msg_id, r in records.items():
+        assert (r["window_id"], r["alert_id"], r["status"], r["attempts"], r["last_status"],
+                r["payload_format"]) == (scoped[msg_id]["window_id"], "", "delivered", 1, 200, "report")
+        assert t0 <= r["delivered_at_ms"] <= t1
 
 
 def _alert(tenant: str, threshold: int) -> dict[str, Any]:
@@ -372,6 +418,14 @@ def test_quota_alerts_are_delivered_signed_with_their_own_ids_or_dead_lettered(
     assert (row["webhook_id"], row["alert_id"], row["window_id"], row["tenant_id"]) == (
         webhook_id(alerts[1]["alert_id"], "alert"), alerts[1]["alert_id"], "", "acme")
     assert (row["status"], row["attempts"], row["last_status"]) == ("dead_lettered", 1, 400)
+    # the delivered alert has a delivery record under its alert-scoped id
+    (record,) = _deliveries(settings)
+    assert {k: v for k, v in record.items() if k != "delivered_at_ms"} == {
+        "webhook_id": reports[0]["webhook_id"], "window_id": "", "alert_id": acme_80["alert_id"],
+        "tenant_id": "acme", "status": "delivered", "attempts": 1, "last_status": 200,
+        "source_topic": topic, "source_partition": 0, "source_offset": 0,
+        "payload_format": "quota.alert", "key": b"acme",
+    }
 
 
 def test_report_format_refuses_alerts_and_from_settings_follows_webhook_alerts(
@@ -398,6 +452,42 @@ def test_stop_interrupts_retries_and_leaves_the_batch_uncommitted(settings: Sett
     assert sink.dead_lettered == 0 and sink.delivered == 0
 
 
+def test_unacknowledged_delivery_records_leave_the_batch_uncommitted(tmp_path: Any) -> None:
+    """Delivery records are part of the persist step: while Kafka does not acknowledge them,
+    write() raises SinkUnavailableError (the base then commits nothing), and the base's retry
+    of the batch POSTs again and records again, truthfully: two POSTs, two records per id."""
+    broker = TansuBroker(log_path=tmp_path / "tansu.log").start()  # our own: pausing it freezes no one else
+    try:
+        s = load_settings(kafka_bootstrap_servers=broker.bootstrap_servers, topic_prefix="ack.",
+                          topic_partitions=2)
+        ensure_topics(s, broker.bootstrap_servers)
+        windows = [_window("acme", i) for i in range(3)]
+        with ReceiverServer() as receiver, _standalone(_sink(s, receiver.url)) as sink:
+            sink.persist_timeout_seconds = 2.0
+            sink.write(_batch(s, windows[:1]))  # connected, the first record acknowledged
+            broker.pause()
+            try:
+                with pytest.raises(SinkUnavailableError, match="did not acknowledge"):
+                    sink.write(_batch(s, windows))
+            finally:
+                broker.resume()
+            assert sink.delivery_records == 1  # nothing counted for the failed batch
+            sink.write(_batch(s, windows))  # the base's retry of the same batch
+            posts = receiver.posts_by_id()
+            stored = [r["webhook_id"] for r in receiver.reports]
+        ids = [_msg_id(w["window_id"]) for w in windows]
+        assert sorted(stored) == sorted(ids)  # the receiver deduplicated
+        assert posts == {ids[0]: 3, ids[1]: 2, ids[2]: 2}
+        # the paused batch's records went out once the broker answered again
+        records = _deliveries(s)
+        assert sorted(r["webhook_id"] for r in records) == sorted(
+            i for i, n in posts.items() for _ in range(n))
+        assert all((r["status"], r["attempts"]) == ("delivered", 1) for r in records)
+    finally:
+        broker.resume()
+        broker.stop()
+
+
 # ---- the whole loop: consume, deliver, commit -----------------------------------------------------
 
 
@@ -417,6 +507,21 @@ def test_every_window_is_delivered_once_with_exact_values_then_committed(setting
     assert (stats["received"], stats["duplicates"], stats["rejected"]) == (12, 0, 0)
     assert (sink.delivered, sink.attempts, sink.dead_lettered) == (12, 12, 0)
     assert _committed(settings) == ends
+    # exactly one delivery record per window, under the id the receiver saw, 1 attempt each
+    records = _by_id(_deliveries(settings))
+    received = {r["webhook_id"]: r for r in reports}
+    assert set(records) == set(received)
+    for msg_id, r in records.items():
+        w = received[msg_id]["payload"]
+        assert (r["window_id"], r["alert_id"], r["tenant_id"], r["status"], r["attempts"],
+                r["last_status"], r["source_topic"], r["payload_format"]) == (
+            w["id"], "", w["tenant_id"], "delivered", 1, 200, settings.topic("usage.windows"),
+            "usage.window")
+        assert r["delivered_at_ms"] >= received[msg_id]["received_at_ms"]
+    # ... each pointing at its window on usage.windows
+    positions = {(r["source_partition"], r["source_offset"]) for r in records.values()}
+    assert len(positions) == 12 and all(o < ends[p] for p, o in positions)
+    assert sink.delivery_records == 12
 
 
 def test_flaky_receiver_gets_every_window_exactly_once_after_dedup(settings: Settings) -> None:
@@ -460,6 +565,24 @@ def test_flaky_receiver_gets_every_window_exactly_once_after_dedup(settings: Set
     assert sink.attempts == stats["received"] == 30 + 4 + stats["injected"]
     assert _committed(settings) == ends
     assert _committed(settings, "quota.alerts") == alert_ends
+    # exactly one delivery record per window and alert, under the id the receiver saw, with
+    # as many attempts as the receiver got POSTs of that id (failed ones and timeouts included)
+    records = _by_id(_deliveries(settings))
+    assert set(records) == {r["webhook_id"] for r in everything}
+    posts = receiver.posts_by_id()
+    assert {i: r["attempts"] for i, r in records.items()} == posts
+    assert sum(posts.values()) == stats["received"] and max(posts.values()) > 1
+    assert all((r["status"], r["last_status"]) == ("delivered", 200) for r in records.values())
+    stored_at = {r["webhook_id"]: r["received_at_ms"] for r in everything}
+    assert all(r["delivered_at_ms"] >= stored_at[i] for i, r in records.items())
+    window_records = [r for r in records.values() if r["window_id"]]
+    assert sorted(r["window_id"] for r in window_records) == sorted(w["window_id"] for w in windows)
+    assert all((r["alert_id"], r["payload_format"]) == ("", "usage.window") for r in window_records)
+    alert_records = [r for r in records.values() if r["alert_id"]]
+    assert sorted(r["alert_id"] for r in alert_records) == sorted(a["alert_id"] for a in alerts)
+    assert all((r["window_id"], r["payload_format"], r["source_topic"])
+               == ("", "quota.alert", settings.topic("quota.alerts")) for r in alert_records)
+    assert sink.delivery_records == 34
 
 
 def test_permanently_failing_endpoint_dead_letters_every_window(settings: Settings) -> None:
