@@ -1,5 +1,9 @@
 """Rows of the derived tables: quota alerts, dead letters and webhook deliveries.
 
+``webhook_deliveries`` has two sources: the webhook sink's dead letters on ``usage.dlq``
+(:func:`delivery_row`, status ``dead_lettered``) and its records of successful deliveries on
+``webhook.deliveries`` (:func:`delivery_record_row`, status ``delivered`` or ``duplicate``).
+
 Each builder takes one decoded Kafka message and where it came from, and returns the row (or
 rows) in its table's column order. Like the records and windows rows in
 :mod:`sinks.clickhouse.sink`, every row carries the Kafka topic/partition/offset of the message
@@ -29,6 +33,7 @@ __all__ = [
     "WebhookFailure",
     "alert_row",
     "dead_letter_row",
+    "delivery_record_row",
     "delivery_row",
     "epoch_seconds",
     "month_of_seconds",
@@ -199,4 +204,29 @@ def delivery_row(
         failure.last_error, reason, epoch_seconds(failed_ms), failed_ms,
         dead["source_topic"], min(max(int(dead["source_partition"]), 0), _MAX_UINT32),
         _ms(dead["source_offset"]), topic, partition, offset,
+    )
+
+
+def delivery_record_row(
+    delivery: Mapping[str, Any], *, topic: str, partition: int, offset: int
+) -> Row:
+    """The ``webhook_deliveries`` row (in :data:`DELIVERY_COLUMNS` order) of one
+    WebhookDelivery record: a window or alert the webhook sink delivered.
+
+    The record names the ``webhook-id`` the receiver got (already scoped as the sink's payload
+    format scopes it), so nothing is recomputed here. ``status`` is ``delivered`` or
+    ``duplicate`` (the receiver answered 409); ``reason`` and ``last_error`` are empty;
+    ``delivered_at`` comes from ``delivered_at_ms``. A crash of the webhook sink between
+    recording and committing makes a second record (a real second POST), so count unique
+    deliveries with ``uniqExact(webhook_id)``.
+    """
+    at_ms = _ms(delivery["delivered_at_ms"])
+    return (
+        str(delivery["webhook_id"]), str(delivery["window_id"]), str(delivery["alert_id"]),
+        str(delivery["tenant_id"]), str(delivery["status"]),
+        min(max(int(delivery["attempts"]), 0), _MAX_UINT32),
+        min(max(int(delivery["last_status"]), 0), _MAX_UINT16),
+        "", "", epoch_seconds(at_ms), at_ms,
+        str(delivery["source_topic"]), min(max(int(delivery["source_partition"]), 0), _MAX_UINT32),
+        _ms(delivery["source_offset"]), topic, partition, offset,
     )

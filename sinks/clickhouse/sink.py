@@ -1,5 +1,5 @@
-"""The ClickHouse sink: usage records, closed windows, quota alerts and dead letters, stored
-exactly once, spooled to local disk while ClickHouse is unreachable.
+"""The ClickHouse sink: usage records, closed windows, quota alerts, dead letters and webhook
+delivery records, stored exactly once, spooled to local disk while ClickHouse is unreachable.
 
 Kafka delivers at least once; the effect in ClickHouse is exactly once (DESIGN rule 4):
 
@@ -19,6 +19,10 @@ Kafka delivers at least once; the effect in ClickHouse is exactly once (DESIGN r
   after the other, batch by batch, each table with its own stored mark; the table written
   last (``dead_letters``) holds every message, so the sink resumes from its mark and the
   other table skips what it already has.
+* a table fed by two topics (``webhook_deliveries``: the webhook sink's dead letters from
+  ``usage.dlq``, its successful deliveries from ``webhook.deliveries``) keeps a mark per topic:
+  marks are keyed by topic, partition and table, and read back with ``kafka_topic = <topic>``,
+  so one topic's offsets never move the other's resume point.
 
 Committed consumer offsets are only a fallback for partitions with no stored rows, so the
 sink also does the right thing after ClickHouse was restored from an older backup.
@@ -67,13 +71,14 @@ from confluent_kafka import Consumer, TopicPartition
 
 from metering.config import Settings
 from metering.errors import ConfigError
-from metering.topics import ALERTS, DLQ, RECORDS, WINDOWS
+from metering.topics import ALERTS, DELIVERIES, DLQ, RECORDS, WINDOWS
 from schemas import (
     AvroCodec,
     CodecError,
     dead_letter_codec,
     envelope_codec,
     quota_alert_codec,
+    webhook_delivery_codec,
     window_codec,
 )
 from sinks.base import Batch, BatchingSink, SinkRecord
@@ -98,6 +103,7 @@ from sinks.clickhouse.rows import (
     DELIVERY_COLUMNS,
     alert_row,
     dead_letter_row,
+    delivery_record_row,
     delivery_row,
     month_of_seconds,
 )
@@ -337,6 +343,13 @@ def _delivery_items(dead: Mapping[str, Any], topic: str, partition: int, offset:
     return [] if row is None else [(month_of_seconds(row[_DELIVERY_AT]), 0, row)]
 
 
+def _delivery_record_items(
+    delivery: Mapping[str, Any], topic: str, partition: int, offset: int
+) -> list[Item]:
+    row = delivery_record_row(delivery, topic=topic, partition=partition, offset=offset)
+    return [(month_of_seconds(row[_DELIVERY_AT]), 0, row)]
+
+
 #: batches whose allocations are frozen before the collector sees everything again
 GC_UNFREEZE_EVERY = 50
 
@@ -404,6 +417,8 @@ _WINDOWS = _Target(WINDOWS_TABLE, WINDOW_COLUMNS, _window_items)
 _ALERTS = _Target(ALERTS_TABLE, ALERT_COLUMNS, _alert_items)
 _DEAD_LETTERS = _Target(DEAD_LETTERS_TABLE, DEAD_LETTER_COLUMNS, _dead_letter_items)
 _DELIVERIES = _Target(DELIVERIES_TABLE, DELIVERY_COLUMNS, _delivery_items)
+#: successful deliveries (``webhook.deliveries``): the same table as the dead-lettered ones
+_DELIVERY_RECORDS = _Target(DELIVERIES_TABLE, DELIVERY_COLUMNS, _delivery_record_items)
 
 
 class _Mark(NamedTuple):
@@ -523,8 +538,8 @@ def _spool_dir_name(group_id: str) -> str:
 
 
 class ClickHouseSink(BatchingSink):
-    """Store ``usage.records``, ``usage.windows`` (and ``usage.dlq``, ``quota.alerts`` when
-    given) in ClickHouse, exactly once.
+    """Store ``usage.records``, ``usage.windows`` (and ``usage.dlq``, ``quota.alerts``,
+    ``webhook.deliveries`` when given) in ClickHouse, exactly once.
 
     Runs the schema migrations (and retention) when constructed; with a spool that step may
     wait until ClickHouse is reachable. Pass ``owns_backend=True`` to have :meth:`close`
@@ -534,7 +549,8 @@ class ClickHouseSink(BatchingSink):
     ``group_id`` is used); None disables the spool, and an unreachable ClickHouse then pauses
     the sink (the base retries). ``retention_months``: drop older monthly partitions at start
     and daily (None: never). ``cluster``: DDL with ``ON CLUSTER`` and Replicated engines.
-    ``alerts_topic`` needs ``alerts_codec`` (the QuotaAlert codec).
+    ``alerts_topic`` needs ``alerts_codec`` (the QuotaAlert codec). ``deliveries_topic``: the
+    webhook sink's records of successful deliveries, stored in ``webhook_deliveries``.
     """
 
     name = "clickhouse-sink"
@@ -556,6 +572,7 @@ class ClickHouseSink(BatchingSink):
         dead_letters_topic: str | None = None,
         alerts_topic: str | None = None,
         alerts_codec: AvroCodec | None = None,
+        deliveries_topic: str | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
         retention_months: int | None = None,
@@ -571,6 +588,7 @@ class ClickHouseSink(BatchingSink):
         self.windows_topic = windows_topic
         self.dead_letters_topic = dead_letters_topic
         self.alerts_topic = alerts_topic
+        self.deliveries_topic = deliveries_topic
         self.max_rows_per_insert = max_rows_per_insert
         self.retention_months = retention_months
         self.cluster = cluster
@@ -586,6 +604,9 @@ class ClickHouseSink(BatchingSink):
         if alerts_topic is not None and alerts_codec is not None:
             codecs[alerts_topic] = alerts_codec
             self._targets[alerts_topic] = (_ALERTS,)
+        if deliveries_topic is not None:
+            codecs[deliveries_topic] = webhook_delivery_codec()
+            self._targets[deliveries_topic] = (_DELIVERY_RECORDS,)
         self._marks: dict[tuple[str, int, str], _Mark] = {}
         # partitions whose last INSERT failed: it may have landed anyway (lost connection
         # after the server got the data), so ClickHouse is asked again before a retry
@@ -655,6 +676,7 @@ class ClickHouseSink(BatchingSink):
             "dead_letters_topic": settings.topic(DLQ),
             "alerts_topic": settings.topic(ALERTS),
             "alerts_codec": quota_alert_codec(),
+            "deliveries_topic": settings.topic(DELIVERIES),
             "group_id": f"{settings.consumer_group_prefix}.clickhouse-sink",
             "dlq_topic": settings.topic(DLQ),
             "batch_size": settings.sink_batch_size,

@@ -26,6 +26,7 @@ from schemas import (
     encode_dead_letter,
     envelope_codec,
     quota_alert_codec,
+    webhook_delivery_codec,
     window_codec,
 )
 from sinks.base import Batch, SinkRecord
@@ -594,6 +595,118 @@ def test_sink_end_to_end_with_dead_letter(settings: Settings, backend: ClickHous
         "source_offset, kafka_offset FROM webhook_deliveries"
     ) == [(webhook_id(windows[0]["window_id"]), windows[0]["window_id"], "acme", "dead_lettered",
            3, 503, "busy", window_offsets[0], webhook_dead_offset)]
+
+
+def _delivery(window: dict[str, Any], offset: int, *, attempts: int = 1, status: str = "delivered",
+              at_ms: int = FEB_1 + 90_000) -> dict[str, Any]:
+    """A WebhookDelivery as the webhook sink records a delivered window."""
+    return {
+        "webhook_id": webhook_id(window["window_id"]), "window_id": window["window_id"],
+        "alert_id": "", "tenant_id": window["tenant_id"], "status": status, "attempts": attempts,
+        "last_status": 409 if status == "duplicate" else 200, "delivered_at_ms": at_ms,
+        "source_topic": "usage.windows", "source_partition": 1, "source_offset": offset,
+        "payload_format": "usage.window",
+    }
+
+
+def test_delivery_records_are_stored_once_beside_dead_letters_across_a_restart(
+    settings: Settings, backend: ClickHouseBackend
+) -> None:
+    """``webhook.deliveries`` and ``usage.dlq`` both feed ``webhook_deliveries``: each topic
+    resumes from its own stored offsets, so a restart stores every new message of both once,
+    though their offsets interleave (usage.dlq's new offsets lie below webhook.deliveries'
+    highest stored one)."""
+    bootstrap = settings.kafka_bootstrap_servers or ""
+    deliveries, dlq = settings.topic("webhook.deliveries"), settings.topic("usage.dlq")
+    windows = [_window("acme", FEB_1 + i * 60_000, [TINY], TINY) for i in range(6)]
+    alert_id = f"acme|score|month|{FEB_1}|80"
+    alert = {**_delivery(windows[0], 0), "webhook_id": webhook_id(alert_id, "alert"),
+             "window_id": "", "alert_id": alert_id, "status": "duplicate", "last_status": 409,
+             "source_topic": "quota.alerts", "source_partition": 0, "source_offset": 9,
+             "payload_format": "quota.alert"}
+    # January's last second and February: one INSERT per month, each stored once
+    first = [_delivery(windows[0], 0, attempts=3, at_ms=FEB_1 - 1), _delivery(windows[1], 1), alert]
+    first_offsets = _produce(bootstrap, deliveries, [webhook_delivery_codec().encode(d) for d in first])
+
+    def dead(window: dict[str, Any], offset: int) -> bytes:
+        return encode_dead_letter(
+            topic="usage.windows", partition=1, offset=offset, stage="webhook-sink",
+            reason="webhook delivery failed after 2 attempt(s); last: HTTP 500", key=b"acme",
+            payload=window_codec().encode(window))
+
+    (dead_offset,) = _produce(bootstrap, dlq, [dead(windows[2], 2)])
+    assert first_offsets == [0, 1, 2] and dead_offset == 0
+
+    sink = _sink(settings, backend)
+    assert set(sink.codecs) >= {deliveries, dlq}
+    _run_sink_until(sink, lambda: (
+        _scalar(backend, "SELECT count() FROM webhook_deliveries") >= 4
+        and _scalar(backend, "SELECT count() FROM dead_letters") >= 1
+    ))
+    columns = ("webhook_id, window_id, alert_id, tenant_id, status, attempts, last_status, "
+               "last_error, reason, delivered_at, delivered_at_ms, source_topic, source_partition, "
+               "source_offset, kafka_topic, kafka_partition, kafka_offset")
+    stored = backend.query(f"SELECT {columns} FROM webhook_deliveries "
+                           f"WHERE kafka_topic = '{deliveries}' ORDER BY kafka_offset")
+    assert stored == [
+        (webhook_id(windows[0]["window_id"]), windows[0]["window_id"], "", "acme", "delivered", 3,
+         200, "", "", dt.datetime(2024, 1, 31, 23, 59, 59), FEB_1 - 1, "usage.windows", 1, 0,
+         deliveries, 0, 0),
+        (webhook_id(windows[1]["window_id"]), windows[1]["window_id"], "", "acme", "delivered", 1,
+         200, "", "", dt.datetime(2024, 2, 1, 0, 1, 30), FEB_1 + 90_000, "usage.windows", 1, 1,
+         deliveries, 0, 1),
+        (webhook_id(alert_id, "alert"), "", alert_id, "acme", "duplicate", 1, 409, "", "",
+         dt.datetime(2024, 2, 1, 0, 1, 30), FEB_1 + 90_000, "quota.alerts", 0, 9, deliveries, 0, 2),
+    ]
+    assert sorted(backend.query(
+        "SELECT toYYYYMM(delivered_at), count() FROM webhook_deliveries "
+        f"WHERE kafka_topic = '{deliveries}' GROUP BY toYYYYMM(delivered_at)"
+    )) == [(202401, 1), (202402, 2)]
+    assert backend.query(
+        "SELECT webhook_id, status, attempts, last_status, kafka_topic, kafka_offset "
+        "FROM webhook_deliveries WHERE status = 'dead_lettered'"
+    ) == [(webhook_id(windows[2]["window_id"]), "dead_lettered", 2, 500, dlq, 0)]
+
+    # merges off: a row inserted twice would stay visible instead of collapsing
+    backend.execute("SYSTEM STOP MERGES webhook_deliveries")
+    backend.execute("SYSTEM STOP MERGES dead_letters")
+    # a new sink (a NEW group: only what ClickHouse stored can tell it where to resume) is told
+    # each topic's own next offset, not the table's highest
+    probe = _sink(settings, backend)
+    try:
+        assert probe.resume_offsets([(deliveries, 0), (deliveries, 1), (dlq, 0), (dlq, 1)]) == {
+            (deliveries, 0): 3, (dlq, 0): 1}
+    finally:
+        probe.consumer.close()
+        probe._dlq_producer.close()  # never run(): released here, not when collected
+        probe.close()
+
+    # more of both: usage.dlq's offsets 1 and 2 lie below webhook.deliveries' stored 2; and a
+    # second record of windows[1] (re-delivered after a crash before the webhook sink committed)
+    second = [_delivery(windows[3], 3), _delivery(windows[1], 1)]
+    assert _produce(bootstrap, deliveries, [webhook_delivery_codec().encode(d) for d in second]) == [3, 4]
+    assert _produce(bootstrap, deliveries, [webhook_delivery_codec().encode(_delivery(windows[4], 4))],
+                    partition=1) == [0]
+    assert _produce(bootstrap, dlq, [dead(windows[5], 5), dead(windows[2], 2)]) == [1, 2]
+
+    again = _sink(settings, backend)
+    _run_sink_until(again, lambda: _scalar(backend, "SELECT count() FROM webhook_deliveries") >= 9)
+    assert again.stats.records_written == 5  # only the new messages came back
+    assert backend.query(
+        "SELECT count(), uniqExact(kafka_topic, kafka_partition, kafka_offset) FROM webhook_deliveries"
+    ) == [(9, 9)]
+    assert sorted(backend.query(
+        "SELECT kafka_topic, kafka_partition, kafka_offset, status FROM webhook_deliveries"
+    )) == sorted([(deliveries, 0, o, "delivered") for o in (0, 1, 3, 4)]
+                 + [(deliveries, 0, 2, "duplicate"), (deliveries, 1, 0, "delivered")]
+                 + [(dlq, 0, o, "dead_lettered") for o in (0, 1)]
+                 + [(dlq, 0, 2, "dead_lettered")])
+    assert _scalar(backend, "SELECT count() FROM dead_letters") == 3
+    # rows are deliveries as they happened; unique deliveries are uniqExact(webhook_id)
+    assert _scalar(backend, "SELECT uniqExact(webhook_id) FROM webhook_deliveries "
+                            "WHERE status IN ('delivered', 'duplicate')") == 5
+    assert _scalar(backend, "SELECT count() FROM webhook_deliveries WHERE webhook_id = "
+                            f"'{webhook_id(windows[1]['window_id'])}'") == 2
 
 
 def test_restart_resumes_from_clickhouse_not_from_committed_offsets(
