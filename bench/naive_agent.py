@@ -27,6 +27,7 @@ from typing import Any
 import faust
 
 from schemas import record_codec
+from streams.transport import SCHEME
 
 __all__ = ["build_app", "main"]
 
@@ -35,7 +36,7 @@ def build_app(args: argparse.Namespace) -> faust.App:
     """The naive app: one agent, one windowed table, a per-event update."""
     app = faust.App(
         args.app_id,
-        broker=f"kafka://{args.bootstrap}",
+        broker=f"{SCHEME}://{args.bootstrap}",  # the worker's transport (streams/transport.py)
         store="memory://",
         datadir=args.datadir,
         topic_partitions=args.partitions,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import faust
 
 from metering.config import Settings
+from streams.transport import SCHEME
 
 __all__ = ["create_app"]
 
@@ -13,7 +14,7 @@ def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
     """A Faust app for the stream stage, configured from the validated settings."""
     return faust.App(
         f"{settings.consumer_group_prefix}.{settings.topic_prefix}streams",
-        broker=f"kafka://{bootstrap_servers}",
+        broker=f"{SCHEME}://{bootstrap_servers}",  # Faust's Kafka transport, see streams/transport.py
         store="memory://",
         datadir=settings.worker_datadir,
         topic_partitions=settings.topic_partitions,
