@@ -2,8 +2,9 @@
 
 Starts Tansu (unless KAFKA_BOOTSTRAP_SERVERS is set), the webhook receiver, the Faust worker
 (a subprocess, as in production), the ClickHouse sink (chdb unless CLICKHOUSE_URL is set) and
-the webhook sink, publishes simulated VM usage, waits until every window is stored, and prints
-per-tenant results read back from ClickHouse.
+the webhook sink, publishes simulated VM usage, waits until every window is stored and
+delivered (and its delivery recorded in ClickHouse), and prints per-tenant results read back
+from ClickHouse.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
               f"{minutes} min of event time, ~10% out of order")
 
         deadline = time.monotonic() + 180
-        stored = 0
+        stored = recorded = 0
         while time.monotonic() < deadline:
             if worker.poll() is not None:
                 raise MeteringError(f"the stream worker exited ({worker.returncode}); see {root}/worker.log")
@@ -135,13 +136,16 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
                 f"WHERE window_end_ms - window_start_ms = {size_ms})")[0][0]
             reports = sum(1 for r in receiver.reports if r["payload"].get("type") == "usage.window"
                           and r["payload"]["window_end_ms"] - r["payload"]["window_start_ms"] == size_ms)
-            if stored >= len(expected) and reports >= len(expected):
+            # the webhook sink's records of those deliveries, through webhook.deliveries
+            recorded = _recorded_deliveries(backend, size_ms)
+            if stored >= len(expected) and reports >= len(expected) and recorded >= len(expected):
                 break
             time.sleep(1)
         else:
             raise MeteringError(
                 f"timed out: {stored}/{len(expected)} windows stored, "
-                f"{len(receiver.reports)} webhook reports; see {root}/worker.log"
+                f"{len(receiver.reports)} webhook reports, {recorded}/{len(expected)} deliveries "
+                f"recorded; see {root}/worker.log"
             )
         _print_results(backend, size_ms, reports, time.monotonic() - t0)
     finally:
@@ -165,6 +169,16 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
         if broker is not None:
             broker.stop()
         del started
+
+
+def _recorded_deliveries(backend: object, size_ms: int) -> int:
+    """Windows of ``size_ms`` that ``webhook_deliveries`` records as delivered (unique ids)."""
+    from sinks.clickhouse import ClickHouseBackend
+
+    assert isinstance(backend, ClickHouseBackend)
+    return int(backend.query(
+        "SELECT uniqExact(webhook_id) FROM webhook_deliveries "
+        f"WHERE status IN ('delivered', 'duplicate') AND window_id LIKE '%|{size_ms}'")[0][0])
 
 
 def _print_results(backend: object, size_ms: int, reports: int, elapsed: float) -> None:
@@ -198,4 +212,10 @@ def _print_results(backend: object, size_ms: int, reports: int, elapsed: float) 
         print(f"{tenant:<12} {windows:>7} {samples:>8} {cpu_s:>14.3f} {Decimal(score):>16.3f}")
     print("-" * len(header))
     print(f"webhook reports received for these windows (deduplicated by webhook-id): {reports}")
+    delivered, dead = backend.query(
+        "SELECT uniqExactIf(webhook_id, status IN ('delivered', 'duplicate')), "
+        "countIf(status = 'dead_lettered') FROM webhook_deliveries "
+        f"WHERE window_id LIKE '%|{size_ms}'")[0]
+    print(f"webhook_deliveries in ClickHouse for these windows: {delivered} delivered, "
+          f"{dead} dead-lettered")
     print(f"done in {elapsed:.1f} s")

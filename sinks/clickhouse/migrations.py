@@ -17,9 +17,12 @@ Tables (all partitioned by month, so retention drops whole partitions, see
 * ``usage_records``, ``usage_windows``: what the streams produce (raw records, closed windows);
 * ``quota_alerts``: threshold crossings from ``quota.alerts``;
 * ``dead_letters``: everything on ``usage.dlq``, payload in base64;
-* ``webhook_deliveries``: outcomes of webhook deliveries; the sink writes the dead-lettered
-  ones (decoded from ``usage.dlq``, stage ``webhook-sink``), so undelivered reports are
-  visible next to the data they came from;
+* ``webhook_deliveries``: outcomes of webhook deliveries, next to the data they came from:
+  the dead-lettered ones (decoded from ``usage.dlq``, stage ``webhook-sink``, status
+  ``dead_lettered``) and the successful ones (the webhook sink's records on
+  ``webhook.deliveries``, status ``delivered`` or ``duplicate``). A webhook sink that crashed
+  before committing re-delivers and records again, so count deliveries with
+  ``uniqExact(webhook_id)``; the key keeps one row per Kafka message of either topic;
 * ``usage_rollup_hourly``, ``usage_rollup_daily``: per tenant and metric, the sum of ``value``
   and the number of records, filled by materialized views over ``usage_records``. The views
   write into named tables (``CREATE MATERIALIZED VIEW ... TO``): the same name on 18.16 and
