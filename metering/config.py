@@ -98,6 +98,16 @@ class Settings(BaseSettings):
 
     worker_datadir: str = Field(default=".metering/faust")
     worker_web_port: int = Field(default=6066, ge=0, le=65535)
+    worker_web_bind: str = Field(
+        default="127.0.0.1",
+        description="Interface the live views listen on; 0.0.0.0 when other workers (or users) "
+        "reach them from other hosts or containers.",
+    )
+    worker_web_host: str = Field(
+        default="",
+        description="Host name other workers use to reach this one (views are forwarded to the "
+        "tenant's owner); empty: 127.0.0.1 when bound to loopback, else this machine's host name.",
+    )
 
     @field_validator("score_weights")
     @classmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import faust
 
 from metering.config import Settings
@@ -29,5 +31,13 @@ def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
         stream_wait_empty=False,
         web_enabled=settings.worker_web_port != 0,
         web_port=settings.worker_web_port or 6066,
-        web_bind="127.0.0.1",
+        web_bind=settings.worker_web_bind,
+        # the URL peers forward live-view requests to: it must reach the bound interface
+        web_host=settings.worker_web_host or _default_web_host(settings.worker_web_bind),
     )
+
+
+def _default_web_host(bind: str) -> str:
+    # bound to loopback, only local peers can reach this worker, and Faust's default (the
+    # host name) may resolve to another interface
+    return bind if bind in ("127.0.0.1", "localhost") else socket.gethostname()

@@ -12,7 +12,9 @@
 A request that reaches another worker is forwarded once to the owner (Faust's
 ``table_route``/``topic_route`` do the same, but need producer metadata of the topic, which a
 worker that has not produced to it yet lacks; the partition is computed here instead, with
-the murmur2 partitioner every client of the pipeline uses). Decimals are JSON strings.
+the murmur2 partitioner every client of the pipeline uses). Decimals are JSON strings. Each
+answer names the worker that computed it (``served_by``, its canonical URL): peers reach each
+other there, so ``WORKER_WEB_BIND``/``WORKER_WEB_HOST`` must make it reachable.
 """
 
 from __future__ import annotations
@@ -162,7 +164,9 @@ def install_views(
         answer = await routed(view, request, owner(dist, records_name, partition_of(tenant, partitions)))
         if answer is not None:
             return answer
-        return view.json(usage_payload(window_state, tenant, settings.score_weights))
+        payload = usage_payload(window_state, tenant, settings.score_weights)
+        payload["served_by"] = str(app.conf.canonical_url)
+        return view.json(payload)
 
     @app.page("/tenants/{tenant}/quota")
     async def tenant_quota(view: View, request: Request, tenant: str) -> Response:
@@ -176,6 +180,7 @@ def install_views(
             return answer
         payload = quota_payload(tenant, table.data.get(tenant.encode()), quota.limits, quota.thresholds)
         payload["limits_loaded"] = quota.limits_ready.is_set()
+        payload["served_by"] = str(app.conf.canonical_url)
         return view.json(payload)
 
     del tenant_usage, tenant_quota  # registered on the app

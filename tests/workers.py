@@ -7,7 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 from metering.config import Settings
 from metering.embedded import free_port
@@ -27,6 +31,20 @@ def worker_env(s: Settings, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def get_json(port: int, path: str, timeout: float = 45) -> dict[str, Any]:
+    """GET ``path`` from a worker's web port as JSON, retrying while the worker is not up yet
+    or answers an error (503 until its partitions are assigned)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return dict(json.loads(r.read()))
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 class ChildProcess:
@@ -71,10 +89,12 @@ class WorkerProcess(ChildProcess):
         self.log_path = workdir / f"{name}.log"
         self.datadir = workdir / f"{name}-data"
         self.extra = extra
+        self.web_port = 0
 
     def start(self) -> WorkerProcess:
         """Start the worker (again, after a kill: same data directory)."""
         env = worker_env(self.settings, WORKER_DATADIR=str(self.datadir), **self.extra)
+        self.web_port = int(env["WORKER_WEB_PORT"])
         log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "metering", "worker", "--loglevel", "info"],

@@ -10,13 +10,10 @@ stream worker of ``streams.worker.build_worker`` plus the quota agent and the vi
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
@@ -31,7 +28,7 @@ from metering.quota_cli import ensure_quota_topics, list_limits, remove_limit, s
 from producers import EnvelopePublisher, usage_record
 from schemas import dead_letter_codec, window_codec
 from tests.topic_reader import alerts, read_all
-from tests.workers import ChildProcess, worker_env
+from tests.workers import ChildProcess, get_json, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -89,15 +86,7 @@ class Worker(ChildProcess):
         return self
 
     def get(self, path: str, timeout: float = 45) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as r:
-                    return dict(json.loads(r.read()))
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+        return get_json(self.port, path, timeout)
 
     def wait_quota(self, tenant: str, check: Any, timeout: float = 45) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -17,6 +17,7 @@ from collections import Counter
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from clickhouse_driver import Client
@@ -26,11 +27,11 @@ from metering import topics
 from metering.config import Settings, load_settings
 from metering.embedded import ClickHouseServer, TansuBroker
 from metering.topics import ensure_topics
-from producers import EnvelopePublisher
+from producers import EnvelopePublisher, usage_record
 from producers.simulators import VmSimulator
 from schemas import window_codec
 from tests.topic_reader import alerts
-from tests.workers import WorkerProcess
+from tests.workers import WorkerProcess, get_json
 
 pytestmark = pytest.mark.integration
 
@@ -297,6 +298,7 @@ def test_two_workers_in_one_group_give_one_workers_windows_and_alerts(
         result = windows(s, expect=len(baseline))
         fired = alerts(s, idle=2.0)
         assert a.alive() and b.alive()
+        views = live_views(s, (a, b), sorted({w["tenant_id"] for w in baseline.values()}))
     finally:
         a.stop()
         b.stop()
@@ -307,3 +309,45 @@ def test_two_workers_in_one_group_give_one_workers_windows_and_alerts(
     # both workers windowed records: the partitions were shared, not all taken by one
     for w in (a, b):
         assert "windows: partition" in w.log_path.read_text(), f"{w.log_path.name} got no partition"
+    # each live view is answered by the tenant's owner, whichever worker is asked
+    for kind in ("usage", "quota"):
+        owners = {tenant: answers[0]["served_by"] for tenant, answers in views[kind].items()}
+        for tenant, (via_a, via_b) in views[kind].items():
+            assert via_a == via_b, f"{kind} of {tenant}: the two workers answer differently"
+        assert {urlsplit(u).port for u in owners.values()} == {a.web_port, b.web_port}, (
+            f"{kind}: every tenant answered by one worker, so nothing was forwarded: {owners}")
+    for tenant, (view, _) in views["usage"].items():
+        # the extra sample opened one window per size, not closed yet: the owner's state
+        assert [(w["window_start_ms"], w["samples"]) for w in view["open_windows"]] == [
+            (OPEN_AT_MS, 1)], f"{tenant}: {view}"
+        assert view["open_windows"][0]["metrics"]["cpu_time_nanos"]["value"] == "7.000000000"
+    for tenant, (view, _) in views["quota"].items():
+        cpu = {(q["metric"], q["period"]): q for q in view["quotas"]}[("cpu_time_nanos", "day")]
+        assert cpu["fired_thresholds"] == [80, 100], f"{tenant}: {view}"
+
+
+#: event time of the sample each tenant gets after the run: well after the final watermark,
+#: so its window opens and stays open (no wall-clock closes), and in the past (valid input)
+OPEN_AT_MS = START_MS + 300_000
+
+
+def live_views(s: Settings, workers: tuple[WorkerProcess, ...], tenants: list[str]
+               ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Give every tenant one more sample (a window that stays open), then ask every worker
+    for every tenant's usage and quota views: {kind: {tenant: [answer of each worker]}}."""
+    pub = EnvelopePublisher(str(s.kafka_bootstrap_servers), s.topic(topics.SOURCE_TOPICS["vm"]),
+                            source="vm")
+    pub.send([usage_record(event_id=f"open-{t}", tenant_id=t, source="vm", resource_id="vm-x",
+                           metric="cpu_time_nanos", value="7", event_time_ms=OPEN_AT_MS)
+              for t in tenants])
+    pub.flush()
+    out: dict[str, dict[str, list[dict[str, Any]]]] = {"usage": {}, "quota": {}}
+    for tenant in tenants:
+        # until the owner has windowed the extra sample (the answers are then stable)
+        deadline = time.monotonic() + 30
+        while not get_json(workers[0].web_port, f"/tenants/{tenant}/usage")["open_windows"]:
+            assert time.monotonic() < deadline, f"the extra sample of {tenant} never showed"
+            time.sleep(0.3)
+        for kind in out:
+            out[kind][tenant] = [get_json(w.web_port, f"/tenants/{tenant}/{kind}") for w in workers]
+    return out
