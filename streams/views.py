@@ -70,13 +70,21 @@ def usage_payload(window_state: Any, tenant: str, weights: Mapping[str, Decimal]
                 "window_end_ms": start + size_ms,
                 "samples": win.samples,
                 "late_samples": win.late,
-                "metrics": {m: {"aggregation": win.metrics[m].kind, "value": _s(v),
-                                "samples": win.metrics[m].samples}
-                            for m, v in sorted(totals.items())},
+                "metrics": _metrics(win, totals, start, start + size_ms),
                 "score": _s(score(totals, weights)),
             })
     windows.sort(key=lambda w: (w["window_size_seconds"], w["window_start_ms"]))
     return {"tenant_id": tenant, "open_windows": windows, "watermark_ms": watermark}
+
+
+def _metrics(win: Any, totals: Mapping[str, Decimal], start: int, end: int) -> dict[str, Any]:
+    out = {m: {"aggregation": win.metrics[m].kind, "value": _s(v), "samples": win.metrics[m].samples}
+           for m, v in totals.items()}
+    running = win.vm_running(start, end)  # as the window would close now (streams/lifecycle.py)
+    if running is not None:
+        out[running["metric"]] = {"aggregation": running["aggregation"],
+                                  "value": _s(running["value"]), "samples": running["samples"]}
+    return dict(sorted(out.items()))
 
 
 def quota_payload(

@@ -44,6 +44,7 @@ from streams.aggregations import (
     new_state,
 )
 from streams.dedup import EventIdFilter
+from streams.lifecycle import VM_RUNNING_AGGREGATION, VM_RUNNING_METRIC, vm_running_seconds
 from streams.scoring import score
 
 __all__ = ["MessageOutcome", "PartitionWindows", "WindowConfig", "window_id"]
@@ -85,7 +86,19 @@ class _Window:
     late: int = 0
     resources: set[str] = field(default_factory=set)  # VMs with usage in the window
     alive: dict[str, list[int]] = field(default_factory=dict)  # VM -> heartbeat/start times
-    stopped: dict[str, int] = field(default_factory=dict)  # VM -> stop time
+    starts: dict[str, list[int]] = field(default_factory=dict)  # VM -> start times
+    stops: dict[str, list[int]] = field(default_factory=dict)  # VM -> stop times
+
+    def vm_running(self, start: int, end: int) -> dict[str, Any] | None:
+        """The ``vm_running_seconds`` total of this window [start, end) (see
+        streams/lifecycle.py), or None when no VM has a lifecycle record in it."""
+        running = vm_running_seconds(start, end, self.alive.keys() | self.stops.keys(),
+                                     self.starts, self.stops)
+        if running is None:
+            return None
+        seconds, vms = running
+        return {"metric": VM_RUNNING_METRIC, "aggregation": VM_RUNNING_AGGREGATION,
+                "value": seconds.quantize(DECIMAL_QUANTUM, context=_CTX), "samples": vms}
 
 
 @dataclass(slots=True)
@@ -311,9 +324,11 @@ class PartitionWindows:
                     if metric == HEARTBEAT or metric == STARTED:
                         for w in wins:
                             w.alive.setdefault(r["resource_id"], []).append(ts)
+                            if metric == STARTED:
+                                w.starts.setdefault(r["resource_id"], []).append(ts)
                     elif metric == STOPPED:
                         for w in wins:
-                            w.stopped[r["resource_id"]] = ts
+                            w.stops.setdefault(r["resource_id"], []).append(ts)
                 elif r.get("source") in (None, "vm"):
                     for w in wins:
                         w.resources.add(r["resource_id"])
@@ -412,7 +427,8 @@ class PartitionWindows:
             return False  # this tenant's VMs send no heartbeats: nothing to judge by
         for vm in win.resources | set(win.alive):
             beats = sorted(win.alive.get(vm, ()))
-            hi = min(end, win.stopped.get(vm, end))
+            # a stopped VM owes no heartbeats after its (last) stop
+            hi = min(end, max(win.stops.get(vm, (end,))))
             points = [start, *beats, hi] if not beats or beats[0] > start else [*beats, hi]
             if any(b - a > timeout for a, b in zip(points, points[1:], strict=False)):
                 return True
@@ -429,6 +445,10 @@ class PartitionWindows:
             }
             for m in sorted(win.metrics)
         ]
+        running = win.vm_running(start, start + size)
+        if running is not None:  # derived from lifecycle records: it replaces an input metric
+            totals = [t for t in totals if t["metric"] != VM_RUNNING_METRIC]  # of that name
+            totals = sorted([*totals, running], key=lambda t: str(t["metric"]))
         return {
             "window_id": window_id(tenant, start, size),
             "tenant_id": tenant,

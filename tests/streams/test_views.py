@@ -80,3 +80,12 @@ def test_routing_partition_is_the_producers_murmur2() -> None:
     for tenant in ["acme", "t-1", "tenant-ü", "x" * 40]:
         for n in (1, 2, 4, 12):
             assert partition_of(tenant, n) == part(tenant.encode(), list(range(n)), list(range(n)))
+
+
+def test_usage_shows_the_running_seconds_the_window_would_close_with() -> None:
+    pw = PartitionWindows(WindowConfig(sizes_ms=(MIN,), lateness_ms=0, weights=DEFAULT_SCORE_WEIGHTS))
+    started = rec(1, "acme", "vm_started", "1", T0 + 15_000)
+    pw.add(0, [started, rec(2, "acme", "vm_heartbeat", "1", T0 + 30_000)])
+    got = usage_payload(SimpleNamespace(partitions={0: pw}), "acme", DEFAULT_SCORE_WEIGHTS)
+    assert got["open_windows"][0]["metrics"]["vm_running_seconds"] == {
+        "aggregation": "time_weighted", "value": "45.000000000", "samples": 1}
