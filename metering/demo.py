@@ -214,7 +214,7 @@ def _print_results(backend: object, size_ms: int, reports: int, elapsed: float) 
     print(f"webhook reports received for these windows (deduplicated by webhook-id): {reports}")
     delivered, dead = backend.query(
         "SELECT uniqExactIf(webhook_id, status IN ('delivered', 'duplicate')), "
-        "countIf(status = 'dead_lettered') FROM webhook_deliveries "
+        "uniqExactIf(webhook_id, status = 'dead_lettered') FROM webhook_deliveries "
         f"WHERE window_id LIKE '%|{size_ms}'")[0]
     print(f"webhook_deliveries in ClickHouse for these windows: {delivered} delivered, "
           f"{dead} dead-lettered")

@@ -37,7 +37,7 @@ WINDOWS = "usage.windows"  # WindowResult, key = tenant
 LATE = "usage.late"  # UsageEnvelope of records later than the allowed lateness
 DLQ = "usage.dlq"  # DeadLetter
 ALERTS = "quota.alerts"  # QuotaAlert, key = tenant, partition = the tenant's usage.windows partition
-DELIVERIES = "webhook.deliveries"  # WebhookDelivery, key = tenant: one per successful webhook delivery
+DELIVERIES = "webhook.deliveries"  # WebhookDelivery, key = tenant: one per webhook delivery outcome
 LIMITS = "quota.limits"  # QuotaLimit, key = tenant|metric|period; compacted (a tombstone deletes)
 
 

@@ -9,17 +9,23 @@ a window carries the same ``webhook-id`` (derived from the window's identity, DE
 and the same body, so a receiver that dedupes on ``webhook-id`` sees each window exactly once.
 
 Delivery records: with ``deliveries_topic`` (``webhook.deliveries``, set by
-:meth:`WebhookSink.from_settings`) every delivered window or alert gets one
-``metering.v1.WebhookDelivery`` there (key = tenant): the ``webhook-id`` actually sent, the
-attempts it took, the HTTP status of the successful attempt, ``delivered`` or ``duplicate``
-(the receiver answered 409) and where the record came from. They are produced after the
-batch's deliveries, beside its dead letters, and one flush waits for both: a batch whose
-records Kafka does not acknowledge is not committed (SinkUnavailableError) and comes back, so
-a delivery is never committed without its record. The ClickHouse sink stores them in
-``webhook_deliveries`` next to the dead-lettered ones. A crash after the records are
-acknowledged but before the commit re-delivers the batch, and so writes a second record of
-the same ``webhook-id``: that is truthful, the receiver did get a second POST (and dedups it
-by ``webhook-id``). Count unique deliveries as ``uniqExact(webhook_id)``, not rows.
+:meth:`WebhookSink.from_settings`) every window or alert of a batch gets one
+``metering.v1.WebhookDelivery`` there (key = tenant), whatever its outcome: the
+``webhook-id`` actually sent, the attempts, the HTTP status of the last attempt, the status
+(``delivered``; ``duplicate``: the receiver answered 409; ``dead_lettered``, then also the
+dead letter's reason and the last error) and where the record came from. A record whose
+payload could not be built was never attempted (0 attempts, last status 0) and names the id
+it would have carried. A dead-lettered record's dead letter still goes to ``usage.dlq``
+unchanged (that is the copy to replay); its delivery record is produced right after it. The
+records are produced after the batch's deliveries, beside its dead letters, and one flush
+waits for all of them: a batch whose records Kafka does not acknowledge is not committed
+(SinkUnavailableError) and comes back, so no outcome is committed without its record. These
+records are the only source of the ClickHouse sink's ``webhook_deliveries``, so every row
+there carries the id the receiver saw (the report format's scoped one included). A crash
+after the records are acknowledged but before the commit re-delivers the batch, and so
+writes a second record of the same ``webhook-id``: that is truthful, the receiver did get a
+second POST (and dedups it by ``webhook-id``). Count unique deliveries as
+``uniqExact(webhook_id)``, not rows.
 
 Outcomes of one HTTP attempt:
 
@@ -259,9 +265,11 @@ class DeliveryOutcome:
     status: int | None
     error: str
     duplicate: bool = False
-    #: the ``webhook-id`` sent ("" when no payload could be built)
+    #: the ``webhook-id`` sent; never attempted: the one it would have carried ("" when none
+    #: can be derived)
     webhook_id: str = ""
-    #: wall-clock time (ms) the last attempt ended; 0 when none was made
+    #: wall-clock time (ms) the outcome was decided (the last attempt ended, or the payload
+    #: could not be built)
     finished_ms: int = 0
 
     def reason(self) -> str:
@@ -317,8 +325,8 @@ class WebhookSink(BatchingSink):
         ``max_concurrency`` deliveries of a batch run at once (so windows may arrive out of
         order; each is self-contained). The consumer's ``max.poll.interval.ms`` defaults to
         15 minutes because a batch blocks the consume loop while it is delivered.
-        ``deliveries_topic``: where a WebhookDelivery record of each successful delivery goes
-        (None: no records).
+        ``deliveries_topic``: where the WebhookDelivery record of each outcome (delivered,
+        duplicate or dead-lettered) goes (None: no records).
         """
         if payload_format not in PAYLOAD_FORMATS:
             raise ValueError(f"payload_format must be one of {PAYLOAD_FORMATS}, not {payload_format!r}")
@@ -400,7 +408,7 @@ class WebhookSink(BatchingSink):
 
         ``kwargs`` override any constructor argument (``payload_format``, ``max_attempts`` ...).
         Quota alerts are delivered too when WEBHOOK_ALERTS is on and the format is the default.
-        Successful deliveries are recorded on ``webhook.deliveries``.
+        Every outcome (dead-lettered ones too) is recorded on ``webhook.deliveries``.
         """
         target = url or settings.webhook_url
         if not target:
@@ -429,7 +437,7 @@ class WebhookSink(BatchingSink):
 
     def write(self, batch: Batch) -> None:
         """Deliver every record of the batch; dead-letter those that cannot be delivered, and
-        record the delivered ones on the deliveries topic.
+        record every outcome on the deliveries topic.
 
         Returns once each record is delivered or dead-lettered and Kafka acknowledged the
         batch's dead letters and delivery records. Raises SinkUnavailableError when those
@@ -451,8 +459,9 @@ class WebhookSink(BatchingSink):
             return None
 
     def _persist_outcomes(self, outcomes: list[DeliveryOutcome]) -> None:
-        """Produce the dead letters and delivery records of one batch, in offset order, and
-        wait once for Kafka to acknowledge all of them."""
+        """Produce the dead letters and delivery records of one batch, in offset order (a
+        dead-lettered record's delivery record right after its dead letter), and wait once for
+        Kafka to acknowledge all of them."""
         failed = recorded = 0
         for outcome in outcomes:
             rec = outcome.record
@@ -474,7 +483,7 @@ class WebhookSink(BatchingSink):
                     key=rec.key,
                 )
                 failed += 1
-            elif self.deliveries_topic is not None:
+            if self.deliveries_topic is not None:
                 record = self.delivery_record(outcome)
                 self._dlq_producer.produce(
                     self.deliveries_topic,
@@ -494,15 +503,21 @@ class WebhookSink(BatchingSink):
         self.stats.dead_letters += failed
 
     def delivery_record(self, outcome: DeliveryOutcome) -> dict[str, Any]:
-        """The ``metering.v1.WebhookDelivery`` of one delivered window or alert."""
+        """The ``metering.v1.WebhookDelivery`` of one outcome: a delivered (or duplicate)
+        window or alert, or a dead-lettered one with its dead letter's reason and last error."""
         rec = outcome.record
         is_alert = rec.topic == self.alerts_topic
+        if not outcome.delivered:
+            status, reason, last_error = "dead_lettered", outcome.reason(), outcome.error
+        else:
+            status = "duplicate" if outcome.duplicate else "delivered"
+            reason = last_error = ""
         return {
             "webhook_id": outcome.webhook_id,
             "window_id": "" if is_alert else str(rec.value["window_id"]),
             "alert_id": str(rec.value["alert_id"]) if is_alert else "",
             "tenant_id": str(rec.value["tenant_id"]),
-            "status": "duplicate" if outcome.duplicate else "delivered",
+            "status": status,
             "attempts": outcome.attempts,
             "last_status": outcome.status or 0,
             "delivered_at_ms": outcome.finished_ms,
@@ -510,14 +525,25 @@ class WebhookSink(BatchingSink):
             "source_partition": rec.partition,
             "source_offset": rec.offset,
             "payload_format": ALERT_FORMAT if is_alert else self.payload_format,
+            "last_error": last_error,
+            "reason": reason,
         }
+
+    def window_webhook_id(self, window: Mapping[str, Any]) -> str:
+        """The ``webhook-id`` of one window in the configured format (scoped by report name
+        in the report format). Needs only the window's id, so a window whose payload cannot
+        be built still has one."""
+        if self.payload_format == "report":
+            return webhook_id(window["window_id"], f"report:{self.report_name}")
+        return webhook_id(window["window_id"])
 
     def message(self, window: Mapping[str, Any]) -> tuple[str, bytes]:
         """The ``webhook-id`` and JSON body of one window, in the configured format."""
         if self.payload_format == "report":
             body = report_payload(window, self.report_name, self.report_metric)
-            return webhook_id(window["window_id"], f"report:{self.report_name}"), orjson.dumps(body)
-        return webhook_id(window["window_id"]), orjson.dumps(window_payload(window))
+        else:
+            body = window_payload(window)
+        return self.window_webhook_id(window), orjson.dumps(body)
 
     def alert_message(self, alert: Mapping[str, Any]) -> tuple[str, bytes]:
         """The ``webhook-id`` and JSON body of one quota alert."""
@@ -535,7 +561,8 @@ class WebhookSink(BatchingSink):
                 msg_id, body = self.message(record.value)
         except (ValueError, TypeError) as exc:
             error = f"cannot build the {self.payload_format} payload: {exc}"
-            return DeliveryOutcome(record, False, 0, None, error)
+            return DeliveryOutcome(record, False, 0, None, error,
+                                   webhook_id=self._intended_id(record), finished_ms=_now_ms())
         status: int | None = None
         error = ""
         attempt = 0
@@ -573,6 +600,16 @@ class WebhookSink(BatchingSink):
                      status if status is not None else error, delay)
             if self.stopping.wait(delay):
                 raise _Stopping()
+
+    def _intended_id(self, record: SinkRecord) -> str:
+        """The ``webhook-id`` a record whose payload could not be built would have carried;
+        "" when even that cannot be derived."""
+        try:
+            if record.topic == self.alerts_topic:
+                return webhook_id(record.value["alert_id"], ALERT_SCOPE)
+            return self.window_webhook_id(record.value)
+        except (KeyError, TypeError, AttributeError):
+            return ""
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         ceiling = min(self.backoff_max_seconds, self.backoff_base_seconds * 2 ** (attempt - 1))

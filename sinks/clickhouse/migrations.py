@@ -17,12 +17,14 @@ Tables (all partitioned by month, so retention drops whole partitions, see
 * ``usage_records``, ``usage_windows``: what the streams produce (raw records, closed windows);
 * ``quota_alerts``: threshold crossings from ``quota.alerts``;
 * ``dead_letters``: everything on ``usage.dlq``, payload in base64;
-* ``webhook_deliveries``: outcomes of webhook deliveries, next to the data they came from:
-  the dead-lettered ones (decoded from ``usage.dlq``, stage ``webhook-sink``, status
-  ``dead_lettered``) and the successful ones (the webhook sink's records on
-  ``webhook.deliveries``, status ``delivered`` or ``duplicate``). A webhook sink that crashed
-  before committing re-delivers and records again, so count deliveries with
-  ``uniqExact(webhook_id)``; the key keeps one row per Kafka message of either topic;
+* ``webhook_deliveries``: outcomes of webhook deliveries, next to the data they came from,
+  all from the webhook sink's records on ``webhook.deliveries`` (status ``delivered``,
+  ``duplicate`` or ``dead_lettered``, under the ``webhook-id`` the receiver saw; a
+  dead-lettered one carries its dead letter's ``reason`` and the ``last_error``). Dead letters
+  on ``usage.dlq`` go to ``dead_letters`` only (rows an earlier version derived from them here
+  keep ``kafka_topic`` = the dead-letter topic). A webhook sink that crashed before committing
+  re-delivers and records again, so count deliveries with ``uniqExact(webhook_id)``; the key
+  keeps one row per Kafka message;
 * ``usage_rollup_hourly``, ``usage_rollup_daily``: per tenant and metric, the sum of ``value``
   and the number of records, filled by materialized views over ``usage_records``. The views
   write into named tables (``CREATE MATERIALIZED VIEW ... TO``): the same name on 18.16 and

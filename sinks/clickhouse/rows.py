@@ -1,8 +1,10 @@
 """Rows of the derived tables: quota alerts, dead letters and webhook deliveries.
 
-``webhook_deliveries`` has two sources: the webhook sink's dead letters on ``usage.dlq``
-(:func:`delivery_row`, status ``dead_lettered``) and its records of successful deliveries on
-``webhook.deliveries`` (:func:`delivery_record_row`, status ``delivered`` or ``duplicate``).
+``webhook_deliveries`` has one source: the webhook sink's ``metering.v1.WebhookDelivery``
+records on ``webhook.deliveries`` (:func:`delivery_record_row`), one per outcome (status
+``delivered``, ``duplicate`` or ``dead_lettered``). Its dead letters on ``usage.dlq`` go to
+``dead_letters`` only: the record names the ``webhook-id`` the receiver saw, which a dead
+letter cannot tell (the report format scopes it by report name).
 
 Each builder takes one decoded Kafka message and where it came from, and returns the row (or
 rows) in its table's column order. Like the records and windows rows in
@@ -16,28 +18,20 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import re
 from collections.abc import Mapping
 from decimal import Decimal
-from typing import Any, NamedTuple
-
-from schemas import CodecError, quota_alert_codec, window_codec
-from sinks.webhook import ALERT_SCOPE, webhook_id
+from typing import Any
 
 __all__ = [
     "ALERT_COLUMNS",
     "DEAD_LETTER_COLUMNS",
     "DELIVERY_COLUMNS",
     "DELIVERY_STATUSES",
-    "WEBHOOK_STAGE",
-    "WebhookFailure",
     "alert_row",
     "dead_letter_row",
     "delivery_record_row",
-    "delivery_row",
     "epoch_seconds",
     "month_of_seconds",
-    "parse_webhook_reason",
 ]
 
 Row = tuple[Any, ...]
@@ -58,8 +52,6 @@ DELIVERY_COLUMNS: tuple[str, ...] = (
     "source_offset", "kafka_topic", "kafka_partition", "kafka_offset",
 )
 
-#: the dead-letter stage of the webhook sink (``sinks.webhook.WebhookSink.name``)
-WEBHOOK_STAGE = "webhook-sink"
 #: what ``webhook_deliveries.status`` may hold
 DELIVERY_STATUSES: tuple[str, ...] = ("delivered", "dead_lettered", "duplicate")
 
@@ -68,11 +60,6 @@ _MAX_UINT64 = 2**64 - 1
 _MAX_UINT32 = 2**32 - 1
 _MAX_UINT16 = 2**16 - 1
 _EPOCH_DATE = dt.date(1970, 1, 1)
-
-# the reasons sinks.webhook.DeliveryOutcome.reason() writes
-_FAILED = re.compile(r"^webhook delivery failed after (\d+) attempt\(s\); last: (.*)$", re.S)
-_NOT_ATTEMPTED = re.compile(r"^webhook delivery not attempted: (.*)$", re.S)
-_HTTP = re.compile(r"^HTTP (\d{3})(?: \((.*)\))?$", re.S)
 
 
 def epoch_seconds(ms: int) -> int:
@@ -139,86 +126,19 @@ def dead_letter_row(dead: Mapping[str, Any], *, topic: str, partition: int, offs
     )
 
 
-class WebhookFailure(NamedTuple):
-    """What a webhook dead letter's reason says about the delivery."""
-
-    attempts: int
-    last_status: int  # 0: no HTTP status (a timeout, a connection error, not attempted)
-    last_error: str
-
-
-def parse_webhook_reason(reason: str) -> WebhookFailure:
-    """Read attempts, last HTTP status and last error from a webhook dead letter's reason.
-
-    Understands what ``DeliveryOutcome.reason()`` writes: ``webhook delivery failed after N
-    attempt(s); last: HTTP 503 (error)``, ``... last: <error>`` and ``webhook delivery not
-    attempted: <error>``. Any other text is kept whole as the error, with 0 attempts.
-    """
-    failed = _FAILED.match(reason)
-    if failed is not None:
-        attempts, last = int(failed.group(1)), failed.group(2)
-        http = _HTTP.match(last)
-        if http is not None:
-            return WebhookFailure(attempts, int(http.group(1)), http.group(2) or "")
-        return WebhookFailure(attempts, 0, last)
-    not_attempted = _NOT_ATTEMPTED.match(reason)
-    if not_attempted is not None:
-        return WebhookFailure(0, 0, not_attempted.group(1))
-    return WebhookFailure(0, 0, reason)
-
-
-def delivery_row(
-    dead: Mapping[str, Any], *, topic: str, partition: int, offset: int
-) -> Row | None:
-    """The ``webhook_deliveries`` row of a webhook dead letter, or None for other stages.
-
-    The payload of a webhook dead letter is the undelivered WindowResult; its ``window_id``
-    gives the ``webhook-id`` every delivery of it carried (the default payload format's id: a
-    sink configured with the ``report`` format scopes its ids by report name); that of a quota
-    alert is the QuotaAlert, whose ``alert_id`` gives its id. Any other payload leaves both ids
-    empty; the tenant then comes from the message key.
-    """
-    if dead.get("stage") != WEBHOOK_STAGE:
-        return None
-    reason = str(dead.get("reason", ""))
-    failure = parse_webhook_reason(reason)
-    key = dead.get("key")
-    tenant = key.decode("utf-8", "replace") if key else ""
-    window_id = alert_id = msg_id = ""
-    payload = dead.get("payload") or b""
-    try:
-        window = window_codec().decode(payload)
-        window_id, tenant = str(window["window_id"]), str(window["tenant_id"])
-        msg_id = webhook_id(window_id)
-    except CodecError:
-        try:
-            alert = quota_alert_codec().decode(payload)
-            alert_id, tenant = str(alert["alert_id"]), str(alert["tenant_id"])
-            msg_id = webhook_id(alert_id, ALERT_SCOPE)
-        except CodecError:
-            pass
-    failed_ms = _ms(dead["failed_at_ms"])
-    return (
-        msg_id, window_id, alert_id, tenant, "dead_lettered",
-        min(failure.attempts, _MAX_UINT32), min(failure.last_status, _MAX_UINT16),
-        failure.last_error, reason, epoch_seconds(failed_ms), failed_ms,
-        dead["source_topic"], min(max(int(dead["source_partition"]), 0), _MAX_UINT32),
-        _ms(dead["source_offset"]), topic, partition, offset,
-    )
-
-
 def delivery_record_row(
     delivery: Mapping[str, Any], *, topic: str, partition: int, offset: int
 ) -> Row:
     """The ``webhook_deliveries`` row (in :data:`DELIVERY_COLUMNS` order) of one
-    WebhookDelivery record: a window or alert the webhook sink delivered.
+    WebhookDelivery record: one outcome of the webhook sink's delivery of a window or alert.
 
     The record names the ``webhook-id`` the receiver got (already scoped as the sink's payload
-    format scopes it), so nothing is recomputed here. ``status`` is ``delivered`` or
-    ``duplicate`` (the receiver answered 409); ``reason`` and ``last_error`` are empty;
-    ``delivered_at`` comes from ``delivered_at_ms``. A crash of the webhook sink between
-    recording and committing makes a second record (a real second POST), so count unique
-    deliveries with ``uniqExact(webhook_id)``.
+    format scopes it), so nothing is recomputed here. ``status`` is ``delivered``,
+    ``duplicate`` (the receiver answered 409) or ``dead_lettered``; ``reason`` (the dead
+    letter's) and ``last_error`` come from the record, empty unless dead-lettered;
+    ``delivered_at`` comes from ``delivered_at_ms`` (when the outcome was decided). A crash of
+    the webhook sink between recording and committing makes a second record (a real second
+    POST), so count unique deliveries with ``uniqExact(webhook_id)``.
     """
     at_ms = _ms(delivery["delivered_at_ms"])
     return (
@@ -226,7 +146,8 @@ def delivery_record_row(
         str(delivery["tenant_id"]), str(delivery["status"]),
         min(max(int(delivery["attempts"]), 0), _MAX_UINT32),
         min(max(int(delivery["last_status"]), 0), _MAX_UINT16),
-        "", "", epoch_seconds(at_ms), at_ms,
+        str(delivery.get("last_error") or ""), str(delivery.get("reason") or ""),
+        epoch_seconds(at_ms), at_ms,
         str(delivery["source_topic"]), min(max(int(delivery["source_partition"]), 0), _MAX_UINT32),
         _ms(delivery["source_offset"]), topic, partition, offset,
     )

@@ -14,15 +14,14 @@ Kafka delivers at least once; the effect in ClickHouse is exactly once (DESIGN r
   leaves it half stored: when the highest stored offset has fewer distinct ``kafka_index``
   values than its ``record_count``, the sink resumes AT that offset and inserts only the
   missing indices. Because stored data is a prefix, only the highest message can be partial.
-* a topic whose messages feed two tables (``usage.dlq``: every dead letter goes to
-  ``dead_letters``, the webhook ones also to ``webhook_deliveries``) writes them one table
-  after the other, batch by batch, each table with its own stored mark; the table written
-  last (``dead_letters``) holds every message, so the sink resumes from its mark and the
-  other table skips what it already has.
-* a table fed by two topics (``webhook_deliveries``: the webhook sink's dead letters from
-  ``usage.dlq``, its successful deliveries from ``webhook.deliveries``) keeps a mark per topic:
-  marks are keyed by topic, partition and table, and read back with ``kafka_topic = <topic>``,
-  so one topic's offsets never move the other's resume point.
+* each topic feeds one table (``usage.dlq`` only ``dead_letters``; every outcome of the
+  webhook sink, dead-lettered ones included, reaches ``webhook_deliveries`` from
+  ``webhook.deliveries`` alone). A topic may be given several target tables: they are
+  written one after the other, batch by batch, each with its own stored mark, and the sink
+  resumes from the mark of the table written last, which must hold every message.
+* marks are keyed by topic, partition and table, and read back with ``kafka_topic = <topic>``,
+  so rows of another topic in the same table (such as the ``usage.dlq`` rows an earlier
+  version derived into ``webhook_deliveries``) never move a topic's resume point.
 
 Committed consumer offsets are only a fallback for partitions with no stored rows, so the
 sink also does the right thing after ClickHouse was restored from an older backup.
@@ -104,7 +103,6 @@ from sinks.clickhouse.rows import (
     alert_row,
     dead_letter_row,
     delivery_record_row,
-    delivery_row,
     month_of_seconds,
 )
 from sinks.clickhouse.spool import Spool, SpoolCorruptError, SpoolEntry, SpoolFullError
@@ -338,11 +336,6 @@ def _dead_letter_items(dead: Mapping[str, Any], topic: str, partition: int, offs
     return [(month_of_seconds(row[_DEAD_FAILED]), 0, row)]
 
 
-def _delivery_items(dead: Mapping[str, Any], topic: str, partition: int, offset: int) -> list[Item]:
-    row = delivery_row(dead, topic=topic, partition=partition, offset=offset)
-    return [] if row is None else [(month_of_seconds(row[_DELIVERY_AT]), 0, row)]
-
-
 def _delivery_record_items(
     delivery: Mapping[str, Any], topic: str, partition: int, offset: int
 ) -> list[Item]:
@@ -416,8 +409,7 @@ _RECORDS = _Target(RECORDS_TABLE, RECORD_COLUMNS, _record_items, multi_row=True,
 _WINDOWS = _Target(WINDOWS_TABLE, WINDOW_COLUMNS, _window_items)
 _ALERTS = _Target(ALERTS_TABLE, ALERT_COLUMNS, _alert_items)
 _DEAD_LETTERS = _Target(DEAD_LETTERS_TABLE, DEAD_LETTER_COLUMNS, _dead_letter_items)
-_DELIVERIES = _Target(DELIVERIES_TABLE, DELIVERY_COLUMNS, _delivery_items)
-#: successful deliveries (``webhook.deliveries``): the same table as the dead-lettered ones
+#: every outcome of the webhook sink (``webhook.deliveries``), the only source of the table
 _DELIVERY_RECORDS = _Target(DELIVERIES_TABLE, DELIVERY_COLUMNS, _delivery_record_items)
 
 
@@ -550,7 +542,8 @@ class ClickHouseSink(BatchingSink):
     the sink (the base retries). ``retention_months``: drop older monthly partitions at start
     and daily (None: never). ``cluster``: DDL with ``ON CLUSTER`` and Replicated engines.
     ``alerts_topic`` needs ``alerts_codec`` (the QuotaAlert codec). ``deliveries_topic``: the
-    webhook sink's records of successful deliveries, stored in ``webhook_deliveries``.
+    webhook sink's record of each delivery outcome (delivered, duplicate, dead-lettered),
+    the only source of ``webhook_deliveries``; ``usage.dlq`` is stored in ``dead_letters``.
     """
 
     name = "clickhouse-sink"
@@ -599,8 +592,7 @@ class ClickHouseSink(BatchingSink):
         }
         if dead_letters_topic is not None:
             codecs[dead_letters_topic] = dead_letter_codec()
-            # deliveries first: dead_letters, written last, has every message (see above)
-            self._targets[dead_letters_topic] = (_DELIVERIES, _DEAD_LETTERS)
+            self._targets[dead_letters_topic] = (_DEAD_LETTERS,)
         if alerts_topic is not None and alerts_codec is not None:
             codecs[alerts_topic] = alerts_codec
             self._targets[alerts_topic] = (_ALERTS,)

@@ -251,13 +251,14 @@ def test_quota_limit_round_trip(limit: dict[str, Any]) -> None:
 @_SETTINGS
 @given(st.fixed_dictionaries({
     "webhook_id": text, "window_id": text, "alert_id": text, "tenant_id": text,
-    "status": st.sampled_from(["delivered", "duplicate"]),
-    "attempts": st.integers(min_value=1, max_value=2**31 - 1),
-    "last_status": st.integers(min_value=100, max_value=599),
+    "status": st.sampled_from(["delivered", "duplicate", "dead_lettered"]),
+    "attempts": st.integers(min_value=0, max_value=2**31 - 1),
+    "last_status": st.one_of(st.just(0), st.integers(min_value=100, max_value=599)),
     "delivered_at_ms": st.integers(min_value=0, max_value=2**62),
     "source_topic": text, "source_partition": st.integers(min_value=0, max_value=2**31 - 1),
     "source_offset": st.integers(min_value=0, max_value=2**62),
     "payload_format": st.sampled_from(["usage.window", "report", "quota.alert"]),
+    "last_error": text, "reason": text,
 }))
 def test_webhook_delivery_round_trip(delivery: dict[str, Any]) -> None:
     _round_trip(webhook_delivery_codec(), delivery)
@@ -272,7 +273,12 @@ def test_webhook_delivery_is_single_object_encoded_under_its_own_fingerprint() -
                 "payload_format": "usage.window"}
     data = codec.encode(delivery)
     assert data[:2] == b"\xc3\x01" and data[2:10] == struct.pack("<Q", codec.fingerprint)
-    assert codec.decode(data) == delivery
+    # last_error and reason (what a dead_lettered record fills in) default to empty
+    assert codec.decode(data) == {**delivery, "last_error": "", "reason": ""}
+    dead = {**delivery, "status": "dead_lettered", "attempts": 0, "last_status": 0,
+            "last_error": "cannot build the report payload: too big",
+            "reason": "webhook delivery not attempted: cannot build the report payload: too big"}
+    assert codec.decode(codec.encode(dead)) == dead
     assert codec.fingerprint not in {c.fingerprint for c in (window_codec(), dead_letter_codec(),
                                                              quota_alert_codec())}
     with pytest.raises(CodecError):  # a window is not a delivery record

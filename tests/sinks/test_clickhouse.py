@@ -53,7 +53,8 @@ from sinks.clickhouse.sink import (
     window_row,
 )
 from sinks.errors import SinkUnavailableError
-from sinks.webhook import webhook_id
+from sinks.receiver import ReceiverServer
+from sinks.webhook import WebhookSink, webhook_id
 
 pytestmark = pytest.mark.integration
 
@@ -589,17 +590,18 @@ def test_sink_end_to_end_with_dead_letter(settings: Settings, backend: ClickHous
         ("clickhouse-sink", settings.topic("usage.records"), len(dead["payload"])),
         ("webhook-sink", settings.topic("usage.windows"), len(window_codec().encode(windows[0]))),
     ]
-    # only the webhook's dead letter is a (failed) delivery
+    # the webhook's dead letter is stored in dead_letters only: webhook_deliveries is filled
+    # from webhook.deliveries alone, whose records name the webhook-id the receiver saw
     assert backend.query(
-        "SELECT webhook_id, window_id, tenant_id, status, attempts, last_status, last_error, "
-        "source_offset, kafka_offset FROM webhook_deliveries"
-    ) == [(webhook_id(windows[0]["window_id"]), windows[0]["window_id"], "acme", "dead_lettered",
-           3, 503, "busy", window_offsets[0], webhook_dead_offset)]
+        "SELECT reason, source_offset, kafka_offset FROM dead_letters WHERE stage = 'webhook-sink'"
+    ) == [(webhook_reason, window_offsets[0], webhook_dead_offset)]
+    assert _scalar(backend, "SELECT count() FROM webhook_deliveries") == 0
 
 
 def _delivery(window: dict[str, Any], offset: int, *, attempts: int = 1, status: str = "delivered",
               at_ms: int = FEB_1 + 90_000) -> dict[str, Any]:
-    """A WebhookDelivery as the webhook sink records a delivered window."""
+    """A WebhookDelivery as the webhook sink records a delivered window (no ``last_error`` or
+    ``reason``: the schema's defaults, empty, fill them in)."""
     return {
         "webhook_id": webhook_id(window["window_id"]), "window_id": window["window_id"],
         "alert_id": "", "tenant_id": window["tenant_id"], "status": status, "attempts": attempts,
@@ -612,10 +614,10 @@ def _delivery(window: dict[str, Any], offset: int, *, attempts: int = 1, status:
 def test_delivery_records_are_stored_once_beside_dead_letters_across_a_restart(
     settings: Settings, backend: ClickHouseBackend
 ) -> None:
-    """``webhook.deliveries`` and ``usage.dlq`` both feed ``webhook_deliveries``: each topic
-    resumes from its own stored offsets, so a restart stores every new message of both once,
-    though their offsets interleave (usage.dlq's new offsets lie below webhook.deliveries'
-    highest stored one)."""
+    """``webhook.deliveries`` alone feeds ``webhook_deliveries``; the webhook sink's dead letters
+    on ``usage.dlq`` go to ``dead_letters`` only. Each topic resumes from its own table's stored
+    offsets, so a restart stores every new message of both once, though their offsets
+    interleave (usage.dlq's new offsets lie below webhook.deliveries' highest stored one)."""
     bootstrap = settings.kafka_bootstrap_servers or ""
     deliveries, dlq = settings.topic("webhook.deliveries"), settings.topic("usage.dlq")
     windows = [_window("acme", FEB_1 + i * 60_000, [TINY], TINY) for i in range(6)]
@@ -640,7 +642,7 @@ def test_delivery_records_are_stored_once_beside_dead_letters_across_a_restart(
     sink = _sink(settings, backend)
     assert set(sink.codecs) >= {deliveries, dlq}
     _run_sink_until(sink, lambda: (
-        _scalar(backend, "SELECT count() FROM webhook_deliveries") >= 4
+        _scalar(backend, "SELECT count() FROM webhook_deliveries") >= 3
         and _scalar(backend, "SELECT count() FROM dead_letters") >= 1
     ))
     columns = ("webhook_id, window_id, alert_id, tenant_id, status, attempts, last_status, "
@@ -662,10 +664,10 @@ def test_delivery_records_are_stored_once_beside_dead_letters_across_a_restart(
         "SELECT toYYYYMM(delivered_at), count() FROM webhook_deliveries "
         f"WHERE kafka_topic = '{deliveries}' GROUP BY toYYYYMM(delivered_at)"
     )) == [(202401, 1), (202402, 2)]
-    assert backend.query(
-        "SELECT webhook_id, status, attempts, last_status, kafka_topic, kafka_offset "
-        "FROM webhook_deliveries WHERE status = 'dead_lettered'"
-    ) == [(webhook_id(windows[2]["window_id"]), "dead_lettered", 2, 500, dlq, 0)]
+    # the dead letter is not a webhook_deliveries row (its record on webhook.deliveries would be)
+    assert _scalar(backend, "SELECT count() FROM webhook_deliveries") == 3
+    assert backend.query("SELECT stage, source_offset, kafka_topic, kafka_offset FROM dead_letters") == [
+        ("webhook-sink", 2, dlq, 0)]
 
     # merges off: a row inserted twice would stay visible instead of collapsing
     backend.execute("SYSTEM STOP MERGES webhook_deliveries")
@@ -690,23 +692,86 @@ def test_delivery_records_are_stored_once_beside_dead_letters_across_a_restart(
     assert _produce(bootstrap, dlq, [dead(windows[5], 5), dead(windows[2], 2)]) == [1, 2]
 
     again = _sink(settings, backend)
-    _run_sink_until(again, lambda: _scalar(backend, "SELECT count() FROM webhook_deliveries") >= 9)
+    _run_sink_until(again, lambda: (
+        _scalar(backend, "SELECT count() FROM webhook_deliveries") >= 6
+        and _scalar(backend, "SELECT count() FROM dead_letters") >= 3
+    ))
     assert again.stats.records_written == 5  # only the new messages came back
     assert backend.query(
         "SELECT count(), uniqExact(kafka_topic, kafka_partition, kafka_offset) FROM webhook_deliveries"
-    ) == [(9, 9)]
+    ) == [(6, 6)]
     assert sorted(backend.query(
         "SELECT kafka_topic, kafka_partition, kafka_offset, status FROM webhook_deliveries"
     )) == sorted([(deliveries, 0, o, "delivered") for o in (0, 1, 3, 4)]
-                 + [(deliveries, 0, 2, "duplicate"), (deliveries, 1, 0, "delivered")]
-                 + [(dlq, 0, o, "dead_lettered") for o in (0, 1)]
-                 + [(dlq, 0, 2, "dead_lettered")])
-    assert _scalar(backend, "SELECT count() FROM dead_letters") == 3
+                 + [(deliveries, 0, 2, "duplicate"), (deliveries, 1, 0, "delivered")])
+    assert backend.query(
+        "SELECT count(), uniqExact(kafka_topic, kafka_partition, kafka_offset) FROM dead_letters"
+    ) == [(3, 3)]
     # rows are deliveries as they happened; unique deliveries are uniqExact(webhook_id)
     assert _scalar(backend, "SELECT uniqExact(webhook_id) FROM webhook_deliveries "
                             "WHERE status IN ('delivered', 'duplicate')") == 5
     assert _scalar(backend, "SELECT count() FROM webhook_deliveries WHERE webhook_id = "
                             f"'{webhook_id(windows[1]['window_id'])}'") == 2
+
+
+def test_dead_lettered_reports_are_stored_from_their_records_under_the_ids_sent(
+    settings: Settings, backend: ClickHouseBackend
+) -> None:
+    """The webhook sink in the report format, against a receiver that refuses one report (400,
+    dead-lettered at once) and keeps failing another (500 until the attempts run out), and a
+    window whose report cannot be built: the ClickHouse sink stores each outcome once in
+    ``webhook_deliveries``, from its WebhookDelivery record, under the report-scoped id the
+    receiver saw (never the default format's id), with status, reason and last error; the
+    dead letters themselves go to ``dead_letters`` only."""
+    bootstrap = settings.kafka_bootstrap_servers or ""
+    windows_topic, deliveries = settings.topic("usage.windows"), settings.topic("webhook.deliveries")
+    # reports of 3, 0, and a score beyond int64 (never attempted)
+    windows = [_window("acme", FEB_1 + i * 60_000, [TINY], score)
+               for i, score in enumerate((Decimal("2.5"), TINY, MAX_DEC))]
+    batch = Batch(windows_topic, 1, [SinkRecord(windows_topic, 1, i, b"acme", w, FEB_1)
+                                     for i, w in enumerate(windows)])
+    # max_concurrency=1: request 1 is windows[0]'s, requests 2 and 3 windows[1]'s
+    with ReceiverServer(failure_plan=lambda n: "400" if n == 1 else "500") as receiver:
+        webhook = WebhookSink.from_settings(
+            settings, bootstrap, url=receiver.url, payload_format="report",
+            report_name="billing_score", max_attempts=2, max_concurrency=1,
+            backoff_base_seconds=0.01, backoff_max_seconds=0.05)
+        try:
+            webhook.write(batch)  # write() only: no group to join
+        finally:
+            webhook.close()
+            webhook.consumer.close()
+            webhook._dlq_producer.flush(10)
+        posts = receiver.posts_by_id()
+    assert (webhook.delivered, webhook.dead_lettered, webhook.delivery_records) == (0, 3, 3)
+    ids = [webhook_id(w["window_id"], "report:billing_score") for w in windows]
+    assert posts == {ids[0]: 1, ids[1]: 2}  # the webhook-id headers the receiver got
+
+    sink = _sink(settings, backend)
+    _run_sink_until(sink, lambda: (
+        _scalar(backend, "SELECT count() FROM webhook_deliveries") >= 3
+        and _scalar(backend, "SELECT count() FROM dead_letters") >= 3
+    ))
+    stored = backend.query(
+        "SELECT source_offset, webhook_id, window_id, status, attempts, last_status, reason, "
+        "kafka_topic, last_error FROM webhook_deliveries ORDER BY source_offset")
+    reasons = dict(backend.query(
+        "SELECT source_offset, reason FROM dead_letters WHERE stage = 'webhook-sink'"))
+    assert [row[:-1] for row in stored] == [
+        (i, ids[i], windows[i]["window_id"], "dead_lettered", attempts, status, reasons[i], deliveries)
+        for i, (attempts, status) in enumerate(((1, 400), (2, 500), (0, 0)))
+    ]
+    assert reasons[0].startswith("webhook delivery failed after 1 attempt(s); last: HTTP 400")
+    assert reasons[1] == "webhook delivery failed after 2 attempt(s); last: HTTP 500"
+    assert reasons[2].startswith("webhook delivery not attempted: cannot build the report payload")
+    errors = [row[-1] for row in stored]
+    assert errors[0].startswith("not retried: ") and errors[0] in reasons[0]
+    assert errors[1] == ""  # a 5xx has a status, no error text
+    assert errors[2].startswith("cannot build the report payload") and errors[2] in reasons[2]
+    # the ids line up with what the receiver saw, across statuses
+    assert _scalar(backend, "SELECT uniqExact(webhook_id) FROM webhook_deliveries") == 3
+    assert set(posts) < {row[1] for row in stored}
+    assert not {row[1] for row in stored} & {webhook_id(w["window_id"]) for w in windows}
 
 
 def test_restart_resumes_from_clickhouse_not_from_committed_offsets(

@@ -1,5 +1,6 @@
 """Unit tests of the ``webhook_deliveries`` rows built from the webhook sink's delivery records
-(sinks/clickhouse/rows.py). No servers: rows are plain tuples."""
+(sinks/clickhouse/rows.py), the table's only source, dead-lettered outcomes included. No
+servers: rows are plain tuples."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ JAN_31_LAST_MS = int(dt.datetime(2024, 2, 1, tzinfo=dt.UTC).timestamp() * 1000) 
 
 def _delivery(**overrides: Any) -> dict[str, Any]:
     """A WebhookDelivery as the webhook sink publishes it, through the codec (what the
-    ClickHouse sink decodes)."""
+    ClickHouse sink decodes). ``last_error`` and ``reason`` are left to the schema's defaults
+    unless overridden."""
     window_id = "acme|1706745540000|60000"
     record = {
         "webhook_id": webhook_id(window_id), "window_id": window_id, "alert_id": "",
@@ -69,6 +71,31 @@ def test_duplicates_and_alerts_keep_their_status_and_ids() -> None:
     # the report format's scoped id is stored as the record names it, never recomputed
     scoped = webhook_id("acme|1706745540000|60000", "report:billing_score")
     assert _row(_delivery(webhook_id=scoped, payload_format="report"))["webhook_id"] == scoped
+
+
+def test_a_dead_lettered_record_keeps_its_id_reason_and_last_error() -> None:
+    scoped = webhook_id("acme|1706745540000|60000", "report:billing_score")
+    reason = 'webhook delivery failed after 1 attempt(s); last: HTTP 400 (not retried: {"error":"x"})'
+    refused = _row(_delivery(webhook_id=scoped, status="dead_lettered", attempts=1, last_status=400,
+                             last_error='not retried: {"error":"x"}', reason=reason,
+                             payload_format="report"))
+    assert {k: refused[k] for k in ("webhook_id", "status", "attempts", "last_status", "last_error",
+                                    "reason")} == {
+        "webhook_id": scoped, "status": "dead_lettered", "attempts": 1, "last_status": 400,
+        "last_error": 'not retried: {"error":"x"}', "reason": reason}
+    assert refused["status"] in DELIVERY_STATUSES
+    # never attempted (the payload could not be built): no attempt, no status, the error kept
+    error = "cannot build the report payload: billing_score = 1E+30 rounds to ..."
+    never = _row(_delivery(webhook_id=scoped, status="dead_lettered", attempts=0, last_status=0,
+                           last_error=error, reason=f"webhook delivery not attempted: {error}"))
+    assert (never["attempts"], never["last_status"], never["last_error"], never["reason"]) == (
+        0, 0, error, f"webhook delivery not attempted: {error}")
+    # a timeout: no HTTP status, the error text is what tells
+    timeout = _row(_delivery(status="dead_lettered", attempts=8, last_status=0,
+                             last_error="ReadTimeout: timed out",
+                             reason="webhook delivery failed after 8 attempt(s); "
+                                    "last: ReadTimeout: timed out"))
+    assert (timeout["last_status"], timeout["last_error"]) == (0, "ReadTimeout: timed out")
 
 
 def test_values_outside_the_column_types_are_clamped() -> None:

@@ -25,7 +25,6 @@ from metering.embedded import TansuBroker
 from metering.topics import ensure_topics
 from schemas import dead_letter_codec, quota_alert_codec, webhook_delivery_codec, window_codec
 from sinks.base import Batch, SinkRecord
-from sinks.clickhouse.rows import DELIVERY_COLUMNS, delivery_row
 from sinks.errors import SinkUnavailableError
 from sinks.receiver import ReceiverServer
 from sinks.signing import generate_secret
@@ -313,21 +312,34 @@ def test_status_classification_retry_after_and_dead_letters(settings: Settings) 
     assert window_codec().decode(by_status["HTTP 400"]["payload"]) == windows[0]
     assert by_status["HTTP 400"]["key"] == b"acme"
 
-    # one delivery record per delivered window (none for the dead-lettered ones): the 409 is
-    # a duplicate after 1 attempt; 429 then 200, and 408 then 200, took 2 attempts each
+    # one delivery record per window, whatever its outcome: the 409 is a duplicate after 1
+    # attempt; 429 then 200, and 408 then 200, took 2 attempts each; 400 and 301 were
+    # dead-lettered after 1, with the dead letter's reason and the last error
     records = _by_id(_deliveries(settings))
     topic = settings.topic("usage.windows")
-    assert {i: (r["status"], r["attempts"], r["last_status"], r["source_offset"])
-            for i, r in records.items()} == {
-        _msg_id(windows[1]["window_id"]): ("duplicate", 1, 409, 1),
-        _msg_id(windows[2]["window_id"]): ("delivered", 2, 200, 2),
-        _msg_id(windows[3]["window_id"]): ("delivered", 2, 200, 3),
+    reasons = {d["source_offset"]: d["reason"] for d in (by_status["HTTP 400"], by_status["HTTP 301"])}
+    ours = {i: r for i, r in records.items() if r["tenant_id"] == "acme"}
+    assert {i: (r["status"], r["attempts"], r["last_status"], r["source_offset"], r["reason"])
+            for i, r in ours.items()} == {
+        _msg_id(windows[0]["window_id"]): ("dead_lettered", 1, 400, 0, reasons[0]),
+        _msg_id(windows[1]["window_id"]): ("duplicate", 1, 409, 1, ""),
+        _msg_id(windows[2]["window_id"]): ("delivered", 2, 200, 2, ""),
+        _msg_id(windows[3]["window_id"]): ("delivered", 2, 200, 3, ""),
+        _msg_id(windows[4]["window_id"]): ("dead_lettered", 1, 301, 4, reasons[4]),
     }
+    assert ours[_msg_id(windows[0]["window_id"])]["last_error"].startswith("not retried: ")
+    assert all(r["last_error"] == "" for i, r in ours.items() if r["status"] != "dead_lettered")
     assert all((r["window_id"], r["alert_id"], r["tenant_id"], r["key"], r["source_topic"],
                 r["source_partition"], r["payload_format"])
                == (windows[r["source_offset"]]["window_id"], "", "acme", b"acme", topic, 0,
-                   "usage.window") for r in records.values())
-    assert sink.delivery_records == 3 and sink2.delivery_records == 0
+                   "usage.window") for r in ours.values())
+    # the unreachable endpoint: no HTTP status, the connection error as the last error
+    (unreachable,) = [r for r in records.values() if r["tenant_id"] == "globex"]
+    assert (unreachable["webhook_id"], unreachable["status"], unreachable["attempts"],
+            unreachable["last_status"], unreachable["reason"]) == (
+        _msg_id(_window("globex", 9)["window_id"]), "dead_lettered", 2, 0, by_status["ConnectE"]["reason"])
+    assert unreachable["last_error"].startswith("ConnectError")
+    assert sink.delivery_records == 5 and sink2.delivery_records == 1
 
 
 def test_report_format_posts_one_integer_report_per_window(settings: Settings) -> None:
@@ -357,18 +369,72 @@ def test_report_format_posts_one_integer_report_per_window(settings: Settings) -
     letters = _dead_letters(settings, 2)
     assert all(d["reason"].startswith("webhook delivery not attempted: cannot build the report payload")
                and "outside int64Value's range" in d["reason"] for d in letters)
-    # the delivery records name the id the receiver got: scoped by the report name
+    # the delivery records name the id the receiver got: scoped by the report name; a window
+    # that could not be reported has a record too, under the id it would have carried
     records = _by_id(_deliveries(settings))
     scoped = {
         "msg_" + hashlib.sha256(f"report:billing_score|{w['window_id']}".encode()).hexdigest()[:24]: w
-        for w in fits
+        for w in windows
     }
-    assert set(records) == set(scoped) == set(reports)
+    assert set(records) == set(scoped)
+    assert {i for i, r in records.items() if r["status"] == "delivered"} == set(reports)
     assert not set(records) & {_msg_id(w["window_id"]) for w in windows}  # never the unscoped id
+    reasons = {d["source_offset"]: d["reason"] for d in letters}
     for msg_id, r in records.items():
-        assert (r["window_id"], r["alert_id"], r["status"], r["attempts"], r["last_status"],
-                r["payload_format"]) == (scoped[msg_id]["window_id"], "", "delivered", 1, 200, "report")
+        assert (r["window_id"], r["alert_id"], r["payload_format"]) == (
+            scoped[msg_id]["window_id"], "", "report")
+        if scoped[msg_id] in fits:
+            assert (r["status"], r["attempts"], r["last_status"], r["last_error"], r["reason"]) == (
+                "delivered", 1, 200, "", "")
+        else:  # never attempted
+            assert (r["status"], r["attempts"], r["last_status"], r["reason"]) == (
+                "dead_lettered", 0, 0, reasons[r["source_offset"]])
+            assert r["last_error"].startswith("cannot build the report payload")
         assert t0 <= r["delivered_at_ms"] <= t1
+    assert sink.delivery_records == 6
+
+
+def test_dead_lettered_report_is_recorded_under_the_id_the_receiver_saw(settings: Settings) -> None:
+    """A report-format sink whose receiver refuses (400: dead-lettered at once) or keeps
+    failing (500 until the attempts run out): each WebhookDelivery is dead_lettered under the
+    report-scoped ``webhook-id`` the receiver got in its header, beside an unchanged dead
+    letter; a window whose report cannot be built names the id it would have carried."""
+    windows = [_window("hooli", i) for i in range(3)]  # scores: 1e-9, 0, then beyond int64
+    # max_concurrency=1: request 1 is windows[0]'s (400), requests 2-4 windows[1]'s (500)
+    with ReceiverServer(failure_plan=lambda n: "400" if n == 1 else "500") as receiver, _standalone(
+        _sink(settings, receiver.url, payload_format="report", report_name="billing_score",
+              max_attempts=3, max_concurrency=1)
+    ) as sink:
+        t0 = int(time.time() * 1000)
+        sink.write(_batch(settings, windows))
+        t1 = int(time.time() * 1000)
+        posts = receiver.posts_by_id()
+        assert receiver.reports == []
+    assert (sink.delivered, sink.dead_lettered, sink.attempts, sink.delivery_records) == (0, 3, 4, 3)
+    ids = ["msg_" + hashlib.sha256(f"report:billing_score|{w['window_id']}".encode()).hexdigest()[:24]
+           for w in windows]
+    assert posts == {ids[0]: 1, ids[1]: 3}  # the ids the receiver saw in the webhook-id header
+    letters = {d["source_offset"]: d for d in _dead_letters(settings, 3)}
+    assert [window_codec().decode(letters[i]["payload"]) for i in range(3)] == windows
+    records = _by_id(_deliveries(settings))
+    assert set(records) == set(ids)
+    got = {i: (r["source_offset"], r["status"], r["attempts"], r["last_status"], r["reason"])
+           for i, r in records.items()}
+    assert got == {
+        ids[0]: (0, "dead_lettered", 1, 400, letters[0]["reason"]),
+        ids[1]: (1, "dead_lettered", 3, 500, letters[1]["reason"]),
+        ids[2]: (2, "dead_lettered", 0, 0, letters[2]["reason"]),
+    }
+    assert letters[0]["reason"].startswith("webhook delivery failed after 1 attempt(s); last: HTTP 400")
+    assert letters[1]["reason"] == "webhook delivery failed after 3 attempt(s); last: HTTP 500"
+    assert letters[2]["reason"].startswith("webhook delivery not attempted: cannot build the report")
+    assert records[ids[0]]["last_error"].startswith("not retried: ")
+    assert records[ids[0]]["last_error"] in letters[0]["reason"]
+    assert records[ids[1]]["last_error"] == ""
+    assert records[ids[2]]["last_error"].startswith("cannot build the report payload")
+    assert all((r["window_id"], r["alert_id"], r["tenant_id"], r["key"], r["payload_format"])
+               == (windows[r["source_offset"]]["window_id"], "", "hooli", b"hooli", "report")
+               and t0 <= r["delivered_at_ms"] <= t1 for r in records.values())
 
 
 def _alert(tenant: str, threshold: int) -> dict[str, Any]:
@@ -412,20 +478,23 @@ def test_quota_alerts_are_delivered_signed_with_their_own_ids_or_dead_lettered(
     (letter,) = _dead_letters(settings, 1)
     assert letter["source_topic"] == topic and letter["stage"] == "webhook-sink"
     assert quota_alert_codec().decode(letter["payload"]) == alerts[1]
-    # ... and the ClickHouse sink's webhook_deliveries row names the alert and its webhook-id
-    row = dict(zip(DELIVERY_COLUMNS, delivery_row(letter, topic="dlq", partition=0, offset=7),
-                   strict=True))
-    assert (row["webhook_id"], row["alert_id"], row["window_id"], row["tenant_id"]) == (
-        webhook_id(alerts[1]["alert_id"], "alert"), alerts[1]["alert_id"], "", "acme")
-    assert (row["status"], row["attempts"], row["last_status"]) == ("dead_lettered", 1, 400)
-    # the delivered alert has a delivery record under its alert-scoped id
-    (record,) = _deliveries(settings)
-    assert {k: v for k, v in record.items() if k != "delivered_at_ms"} == {
+    # each alert has a delivery record under its alert-scoped id: the delivered one, and the
+    # dead-lettered one (what webhook_deliveries stores) naming the alert and its reason
+    delivered, refused = sorted(_deliveries(settings), key=lambda r: r["source_offset"])
+    assert {k: v for k, v in delivered.items() if k != "delivered_at_ms"} == {
         "webhook_id": reports[0]["webhook_id"], "window_id": "", "alert_id": acme_80["alert_id"],
         "tenant_id": "acme", "status": "delivered", "attempts": 1, "last_status": 200,
         "source_topic": topic, "source_partition": 0, "source_offset": 0,
-        "payload_format": "quota.alert", "key": b"acme",
+        "payload_format": "quota.alert", "last_error": "", "reason": "", "key": b"acme",
     }
+    assert {k: v for k, v in refused.items() if k not in ("delivered_at_ms", "last_error")} == {
+        "webhook_id": webhook_id(alerts[1]["alert_id"], "alert"), "window_id": "",
+        "alert_id": alerts[1]["alert_id"], "tenant_id": "acme", "status": "dead_lettered",
+        "attempts": 1, "last_status": 400, "source_topic": topic, "source_partition": 0,
+        "source_offset": 1, "payload_format": "quota.alert", "reason": letter["reason"],
+        "key": b"acme",
+    }
+    assert refused["last_error"].startswith("not retried: ")
 
 
 def test_report_format_refuses_alerts_and_from_settings_follows_webhook_alerts(
@@ -603,3 +672,10 @@ def test_permanently_failing_endpoint_dead_letters_every_window(settings: Settin
         (settings.topic("usage.windows"), b"umbrella")
     }
     assert _committed(settings) == ends  # dead-lettered, so committed: the sink moves on
+    # ... and recorded: one dead_lettered WebhookDelivery per window, beside its dead letter
+    records = _by_id(_deliveries(settings))
+    assert set(records) == {_msg_id(w["window_id"]) for w in windows}
+    assert all((r["status"], r["attempts"], r["last_status"], r["last_error"])
+               == ("dead_lettered", 3, 500, "") for r in records.values())
+    assert sorted(r["reason"] for r in records.values()) == sorted(d["reason"] for d in letters)
+    assert sink.delivery_records == 5
