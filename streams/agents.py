@@ -19,6 +19,7 @@ import uuid
 from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import faust
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 TAKE_MAX = 500
 NORMALIZE_TAKE_MAX = 100
 TAKE_WITHIN = 0.2
+_EVENT_ID, _TENANT = itemgetter("event_id"), itemgetter("tenant_id")
 
 
 @dataclass
@@ -253,13 +255,13 @@ def install_agents(
                         skip = {i for i, _ in bad}
                         records = [r for i, r in enumerate(records) if i not in skip]
                     if ids is not None:
-                        flags = ids.fresh([r["event_id"] for r in records], sent_at)
+                        flags = ids.fresh(list(map(_EVENT_ID, records)), sent_at)
                         if flags is not None:
                             repeated = flags.count(False)
                             dropped += repeated
                             stats.duplicates_dropped += repeated
                             records = [r for r, new in zip(records, flags, strict=True) if new]
-                    tenants = {r["tenant_id"] for r in records}
+                    tenants = set(map(_TENANT, records))
                     # one output per input message and tenant, in input order: the window
                     # stage's lateness depends on message order, so normalizing a backlog
                     # must not reorder what the live run would have seen

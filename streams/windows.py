@@ -31,9 +31,11 @@ from __future__ import annotations
 import bisect
 import decimal
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import reduce
+from operator import itemgetter, methodcaller
 from typing import Any
 
 from schemas import DECIMAL_QUANTUM
@@ -51,6 +53,7 @@ __all__ = ["MessageOutcome", "PartitionWindows", "WindowConfig", "window_id"]
 
 _CTX = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN)
 _CTX_ADD = AGGREGATION_CONTEXT.add
+_ZERO = Decimal(0)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,11 @@ class _Slot:
 #: lifecycle records published by the VM gateway (producers/vm_gateway.py)
 HEARTBEAT, STARTED, STOPPED, POSSIBLE_GAP = "vm_heartbeat", "vm_started", "vm_stopped", "vm_possible_gap"
 _LIFECYCLE = frozenset({HEARTBEAT, STARTED, STOPPED, POSSIBLE_GAP})
+_VM_SOURCES = frozenset({None, "vm"})  # the samples whose resource is a VM (for the gap check)
+# field readers run over a whole message at C speed
+_TIME, _EVENT_ID, _TENANT, _METRIC, _VALUE, _RESOURCE = map(
+    itemgetter, ("event_time_ms", "event_id", "tenant_id", "metric", "value", "resource_id"))
+_SOURCE = methodcaller("get", "source")
 
 
 @dataclass(slots=True)
@@ -260,14 +268,18 @@ class PartitionWindows:
         closed = self._closed_wm_before(offset) if replay else self.closed_wm
         final = self._final_wm if replay else None
         out = MessageOutcome(late=[], release_at=0, replayed=replay, decided_with=closed)
+        times = list(map(_TIME, records))
         if ids is not None and records:
             # one message's ids at once; the filter also drops an id repeated inside the
             # message, so no per-window set of ids is needed
-            flags = ids.fresh([r["event_id"] for r in records],
-                              [r["event_time_ms"] for r in records], offset)
+            flags = ids.fresh(list(map(_EVENT_ID, records)), times, offset)
             if flags is not None:
                 out.duplicates += flags.count(False)
                 records = [r for r, new in zip(records, flags, strict=True) if new]
+                times = list(map(_TIME, records))
+        if ids is not None and records and self._fold_one_slot(records, times, closed, final, out):
+            self._finish(offset, watermark_ms, out)
+            return out
         aggregation = self.config.aggregation
         check_seen = ids is None
         release_at = 0
@@ -341,12 +353,88 @@ class PartitionWindows:
                 max_event = ts
         self.max_event_ms = max_event
         out.release_at = release_at
+        self._finish(offset, watermark_ms, out)
+        return out
+
+    def _finish(self, offset: int, watermark_ms: int | None, out: MessageOutcome) -> None:
         self.late_total += len(out.late)
         self.duplicate_total += out.duplicates
         if watermark_ms is not None and (self.promised_ms is None or watermark_ms > self.promised_ms):
             self.promised_ms = watermark_ms
         self.last_offset = max(self.last_offset, offset)
-        return out
+
+    def _fold_one_slot(
+        self, records: list[Mapping[str, Any]], times: list[int], closed: int | None,
+        final: int | None, out: MessageOutcome,
+    ) -> bool:
+        """Fold in a message whose samples all fall into one slot (one tenant, one grain; no
+        lifecycle records), as a whole: what the per-sample loop of :meth:`add` does, with
+        each metric's samples summed once and added to each window, and set operations run
+        over the whole message. True when done; False when the message does not qualify (the
+        loop then folds it in). A usage.records envelope has one tenant (the normalizer
+        splits by tenant) and a producer's batch covers seconds, so this is the common case.
+
+        Sums are exact (decimal(38, 9) values in an 80-digit context), so adding a subtotal
+        equals adding the samples one by one: the result is the loop's.
+        """
+        lo, hi = min(times), max(times)
+        grain = self._grain
+        if lo - lo % grain != hi - hi % grain:
+            return False
+        tenants = set(map(_TENANT, records))
+        if len(tenants) != 1:
+            return False
+        metrics = list(map(_METRIC, records))
+        kinds = set(metrics)
+        if not kinds.isdisjoint(_LIFECYCLE):
+            return False
+        (tenant,) = tenants
+        slot = self._slot(tenant, lo, closed, final)
+        n = len(records)
+        if slot.late:
+            for carrier in slot.carriers:
+                carrier.late += n
+            out.late_counted += len(slot.carriers) * n
+            if not out.replayed:
+                out.late.extend(records)
+        wins = slot.windows
+        if wins:
+            aggregation = self.config.aggregation
+            values = list(map(_VALUE, records))
+            by_metric: dict[str, Sequence[int]]
+            if len(kinds) == 1:
+                by_metric = {metrics[0]: range(n)}
+            else:
+                groups: dict[str, list[int]] = {}
+                for i, metric in enumerate(metrics):
+                    groups.setdefault(metric, []).append(i)
+                by_metric = dict(groups)
+            for metric, idx in by_metric.items():
+                kind = aggregation(metric)
+                states = [w.metrics.get(metric) or w.metrics.setdefault(metric, new_state(kind))
+                          for w in wins]
+                if states[0].kind == "sum":
+                    subtotal = reduce(_CTX_ADD, map(values.__getitem__, idx), _ZERO)
+                    for state in states:
+                        state.samples += len(idx)
+                        state.total = _CTX_ADD(state.total, subtotal)
+                else:
+                    for i in idx:
+                        r = records[i]
+                        for state in states:
+                            state.add(values[i], times[i], r["event_id"], r["resource_id"])
+            sources = set(map(_SOURCE, records))
+            if sources <= _VM_SOURCES:
+                vms = set(map(_RESOURCE, records))
+            else:
+                vms = {r["resource_id"] for r in records if r.get("source") in _VM_SOURCES}
+            for w in wins:
+                w.samples += n
+                w.resources |= vms
+        out.release_at = slot.release_at
+        if self.max_event_ms is None or hi > self.max_event_ms:
+            self.max_event_ms = hi
+        return True
 
     def _slot(self, tenant: str, ts: int, closed: int | None, final: int | None) -> _Slot:
         """Where the samples of ``tenant`` at ``ts`` (and in its grain) go, per window size:

@@ -2,6 +2,9 @@
 
 from decimal import Decimal
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from streams.normalize import invalid_reason, invalid_records
 
 SENT = 1_800_000_000_000
@@ -36,3 +39,28 @@ def test_invalid_records_names_each_bad_record_of_an_envelope() -> None:
     assert [i for i, _ in bad] == [1, 3, 4]
     assert all(reason == invalid_reason(records[i], SENT) for i, reason in bad)
     assert invalid_records([good(), good()], SENT) == []
+
+
+BAD_CHANGES = [
+    {"event_id": ""}, {"tenant_id": ""}, {"metric": ""}, {"resource_id": ""},
+    {"value": Decimal(-1)}, {"value": Decimal("NaN")}, {"value": Decimal("sNaN")},
+    {"value": Decimal("Infinity")}, {"value": Decimal(10) ** 29}, {"value": 1.5}, {"value": 2},
+    {"event_time_ms": SENT + 5 * 60_000 + 1}, {"event_time_ms": SENT - 35 * 86_400_000 - 1},
+]
+EDGE_VALUES = [Decimal(0), Decimal(10) ** 29 - Decimal("1e-9"), Decimal("0.000000001")]
+EDGE_TIMES = [SENT + 5 * 60_000, SENT - 35 * 86_400_000]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(
+    st.just({}),
+    st.sampled_from(BAD_CHANGES),
+    st.sampled_from(EDGE_VALUES).map(lambda v: {"value": v}),
+    st.sampled_from(EDGE_TIMES).map(lambda t: {"event_time_ms": t}),
+), max_size=12))
+def test_the_whole_envelope_check_agrees_with_checking_each_record(changes: list[dict]) -> None:
+    # invalid_records checks a valid envelope at once and only then record by record
+    records = [{**good(), **change} for change in changes]
+    expected = [(i, reason) for i, r in enumerate(records)
+                if (reason := invalid_reason(r, SENT)) is not None]
+    assert invalid_records(records, SENT) == expected

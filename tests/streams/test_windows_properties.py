@@ -207,3 +207,36 @@ def test_repeated_crashes_also_during_replay_emit_what_an_uninterrupted_run_emit
     crashed, _ = run(messages, lateness=3_000, crash_at=crashes, republish=data.draw(
         st.integers(0, 3)), commit_lag=lag)
     assert crashed == clean
+
+
+def by_slot(messages: list[list[dict]]) -> list[list[dict]]:
+    """Each message cut into runs of one tenant and one grain (the sizes' gcd), in order: the
+    shape of a usage.records envelope, which PartitionWindows folds in as a whole."""
+    out = []
+    for msg in messages:
+        run_: list[dict] = []
+        for r in msg:
+            if run_ and (r["tenant_id"], r["event_time_ms"] // 10_000) != (
+                    run_[0]["tenant_id"], run_[0]["event_time_ms"] // 10_000):
+                out.append(run_)
+                run_ = []
+            run_.append(r)
+        if run_:
+            out.append(run_)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(streams_(max_disorder=20_000), st.data())
+def test_folding_a_message_whole_equals_folding_it_sample_by_sample(
+        messages: list[list[dict]], data: Any) -> None:
+    messages = by_slot(messages)
+    crash = data.draw(st.one_of(st.none(), st.integers(1, len(messages) + 2)))
+    whole = run(messages, lateness=5_000, crash_at=crash, republish=1)
+    original = PartitionWindows._fold_one_slot
+    PartitionWindows._fold_one_slot = lambda *args: False  # type: ignore[method-assign]
+    try:
+        one_by_one = run(messages, lateness=5_000, crash_at=crash, republish=1)
+    finally:
+        PartitionWindows._fold_one_slot = original  # type: ignore[method-assign]
+    assert whole == one_by_one

@@ -1,0 +1,172 @@
+"""The stream stage's per-sample compute alone, beside decoding alone: the ceiling of the
+stage/raw-consumer ratio that ``bench.stream_throughput`` measures.
+
+::
+
+    python -m bench stream_compute [--samples 1000000]
+
+No Kafka and no Faust: the same VM envelopes as ``bench.stream_throughput`` (8 tenants x 83
+VMs, 10 s ticks, about 500 records per envelope) are encoded once, then, in one process,
+interleaved, best of ``--rounds``:
+
+* **decode**: ``envelope_codec().decode`` of every envelope, which is all the raw
+  consume-and-decode baseline does per sample besides fetching;
+* **stage compute**: what the two agents do per message once it is fetched (see
+  streams/agents.py): decode, validate (``invalid_records``), drop repeated ids (the
+  normalizer's 24 h ``EventIdFilter``), then window it (``PartitionWindows.add`` with the
+  window stage's own id filter, ``close_due`` after every message, a ``snapshot`` and the
+  filters' ``drain`` per 500 messages, as the agents persist per batch), with the default
+  window sizes (1 min and 1 h).
+
+Since the raw baseline costs at least *decode*, and the stage at least *stage compute*, the
+stage can reach at most ``decode / stage compute`` of the raw figure however little its
+Kafka and Faust machinery costs. Quote that ratio, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import publish_report
+
+__all__ = ["main", "measure"]
+
+TICK_MS = 10_000
+PARTITIONS = 4
+TAKE_MAX = 500  # messages per persisted batch, as the window agent takes them
+
+
+def envelopes(samples: int) -> list[tuple[int, bytes]]:
+    """(partition, encoded envelope) of ``samples`` VM samples, one envelope per tenant,
+    tick and 500 records, partitioned by tenant as the pipeline does."""
+    from producers.simulators import VmSimulator
+    from schemas import envelope_codec
+    from streams.views import partition_of
+
+    codec = envelope_codec()
+    sim = VmSimulator(tenants=8, vms_per_tenant=83, interval_ms=TICK_MS, seed=7)
+    now = int(time.time() * 1000)
+    ticks = -(-samples // (len(sim.vms) * 6))
+    start = now - now % 60_000 - (ticks + 2) * TICK_MS
+    out: list[tuple[int, bytes]] = []
+    sent = 0
+    for i in range(ticks):
+        by_tenant: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in sim.tick(start + (i + 1) * TICK_MS)[: samples - sent]:
+            by_tenant[r["tenant_id"]].append(r)
+            sent += 1
+        for tenant, recs in by_tenant.items():
+            for j in range(0, len(recs), 500):
+                out.append((partition_of(tenant, PARTITIONS), codec.encode({
+                    "envelope_id": uuid.uuid4().hex, "source": "vm", "producer": "bench",
+                    "sent_at_ms": now, "watermark_ms": None, "records": recs[j:j + 500]})))
+    return out
+
+
+def decode_only(data: list[tuple[int, bytes]]) -> int:
+    """Decode every envelope; the number of samples."""
+    from schemas import envelope_codec
+
+    decode = envelope_codec().decode
+    return sum(len(decode(payload)["records"]) for _, payload in data)
+
+
+def stage_compute(data: list[tuple[int, bytes]]) -> int:
+    """The agents' per-message work on every envelope (no Kafka); the samples windowed."""
+    from metering.config import load_settings
+    from schemas import envelope_codec
+    from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS
+    from streams.dedup import EventIdFilter
+    from streams.normalize import invalid_records
+    from streams.windows import PartitionWindows, WindowConfig
+
+    settings = load_settings()
+    decode = envelope_codec().decode
+    config = WindowConfig(
+        sizes_ms=tuple(s * 1000 for s in settings.window_sizes_seconds),
+        lateness_ms=settings.allowed_lateness_seconds * 1000, weights=settings.score_weights,
+        heartbeat_timeout_ms=settings.vm_heartbeat_timeout_seconds * 1000,
+        aggregations=settings.metric_aggregations or DEFAULT_METRIC_AGGREGATIONS)
+    largest = max(settings.window_sizes_seconds) * 1000
+    source_ids = {p: EventIdFilter(settings.dedup_horizon_seconds * 1000) for p in range(PARTITIONS)}
+    window_ids = {p: EventIdFilter(2 * largest + config.lateness_ms + 600_000,
+                                   bucket_ms=max(60_000, largest // 6)) for p in range(PARTITIONS)}
+    windows = {p: PartitionWindows(config, None, window_ids[p]) for p in range(PARTITIONS)}
+    offsets = dict.fromkeys(range(PARTITIONS), 0)
+    smallest = min(config.sizes_ms)  # every sample is in exactly one window of each size
+    samples = 0
+    for n, (part, payload) in enumerate(data, 1):
+        env = decode(payload)
+        records = env["records"]
+        bad = invalid_records(records, env["sent_at_ms"])
+        if bad:
+            raise AssertionError(f"the simulator made invalid records: {bad[:3]}")
+        flags = source_ids[part].fresh([r["event_id"] for r in records], env["sent_at_ms"])
+        if flags is not None:
+            records = [r for r, new in zip(records, flags, strict=True) if new]
+        pw = windows[part]
+        pw.add(offsets[part], records, env["watermark_ms"])
+        offsets[part] += 1
+        samples += sum(r["sample_count"] for r in pw.close_due()
+                       if r["window_end_ms"] - r["window_start_ms"] == smallest)
+        if n % TAKE_MAX == 0 or n == len(data):
+            for p in range(PARTITIONS):
+                windows[p].snapshot(None)
+                for f in (source_ids[p], window_ids[p]):
+                    for _ in f.drain():
+                        pass
+                    f.expire()
+    return samples + sum(w.samples for pw in windows.values()
+                         for (size, _, _), w in pw.open.items() if size == smallest)
+
+
+def measure(samples: int, rounds: int) -> dict[str, Any]:
+    """Best-of-``rounds`` seconds of each, interleaved (the machine is shared)."""
+    data = envelopes(samples)
+    best: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    runs: list[tuple[str, Callable[[list[tuple[int, bytes]]], int]]] = [
+        ("decode", decode_only), ("stage_compute", stage_compute)]
+    for _ in range(rounds):
+        for name, fn in runs:
+            t0 = time.perf_counter()
+            counts[name] = fn(data)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+    if counts["decode"] != counts["stage_compute"]:
+        raise AssertionError(f"the stage windowed {counts['stage_compute']} of {counts['decode']} samples")
+    return {
+        "samples": counts["decode"], "envelopes": len(data), "rounds": rounds,
+        "decode_s": best["decode"], "stage_compute_s": best["stage_compute"],
+        "decode_us_per_sample": best["decode"] / counts["decode"] * 1e6,
+        "stage_compute_us_per_sample": best["stage_compute"] / counts["decode"] * 1e6,
+        "ceiling_stage_over_raw": best["decode"] / best["stage_compute"],
+    }
+
+
+def _show(r: dict[str, Any]) -> None:
+    print(f"{r['samples']:,} samples in {r['envelopes']:,} envelopes, best of {r['rounds']} rounds")
+    for label, key in (("decode only", "decode"), ("stage compute", "stage_compute")):
+        print(f"  {label:<15} {r[key + '_s']:6.2f} s  {r[key + '_us_per_sample']:5.2f} us/sample")
+    print(f"  ceiling of stream stage / raw consume+decode: {r['ceiling_stage_over_raw']:.2f}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run and report (``bench/results/stream_compute-<time>.json``)."""
+    p = argparse.ArgumentParser(prog="python -m bench stream_compute", description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=int, default=1_000_000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    report = {"benchmark": "stream_compute", **measure(args.samples, args.rounds)}
+    return publish_report("stream_compute", report, args.out, args.json, _show)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
