@@ -7,14 +7,16 @@ A wrong value fails fast with a :class:`ConfigError` naming the setting.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import os
+import re
 import tomllib
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from metering.errors import ConfigError
 
@@ -26,6 +28,17 @@ DEFAULT_SCORE_WEIGHTS: dict[str, Decimal] = {
     "memory_gb": Decimal("0.5"),
     "disk_mb": Decimal("0.3"),
 }
+
+#: a host name or IPv4 address alone: no scheme, port, path or spaces
+_HOST_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def _is_ip(v: str) -> bool:
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        return False
+    return True
 
 
 class Settings(BaseSettings):
@@ -155,6 +168,28 @@ class Settings(BaseSettings):
                 raise ValueError("the key after 'whsec_' is empty")
         return v
 
+    @field_validator("topic_replication_factor")
+    @classmethod
+    def _replicas(cls, v: int) -> int:
+        if v == 0:  # Kafka refuses it when creating the topics
+            raise ValueError("must be -1 (the broker's default) or at least 1")
+        return v
+
+    @field_validator("worker_web_bind")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        if not (_HOST_NAME.fullmatch(v) or _is_ip(v)):
+            raise ValueError("must be an interface address or host name, e.g. 127.0.0.1 or 0.0.0.0 (all)")
+        return v
+
+    @field_validator("worker_web_host")
+    @classmethod
+    def _web_host(cls, v: str) -> str:
+        # peers forward to http://<host>:<WORKER_WEB_PORT>, so the host stands alone
+        if v and not (_HOST_NAME.fullmatch(v) or (v[:1] == "[" and v[-1:] == "]" and _is_ip(v[1:-1]))):
+            raise ValueError("must be a bare host name or address (no scheme or port; IPv6 in brackets)")
+        return v
+
     def topic(self, name: str) -> str:
         """The full name of a logical topic (``usage.records`` ...)."""
         return f"{self.topic_prefix}{name}"
@@ -180,3 +215,11 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
             f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from exc
+    except SettingsError as exc:
+        # a list or table from the environment is decoded as JSON before validation
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = field.group(1).upper() if field else "environment"
+        raise ConfigError(
+            f"invalid configuration: {name}: not valid JSON ({exc.__cause__}), e.g. [60, 3600] or "
+            '{"cpu_seconds": "1.0"}'
+        ) from exc
