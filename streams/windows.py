@@ -125,6 +125,11 @@ _TIME, _EVENT_ID, _TENANT, _METRIC, _VALUE, _RESOURCE = map(
 _SOURCE = methodcaller("get", "source")
 
 
+def _states(wins: list[_Window], metric: str, kind: str) -> list[MetricState]:
+    """The state of ``metric`` in each of ``wins``, created (as ``kind``) where missing."""
+    return [w.metrics.get(metric) or w.metrics.setdefault(metric, new_state(kind)) for w in wins]
+
+
 @dataclass(slots=True)
 class MessageOutcome:
     """What one input message did: its late records, and when it may be released."""
@@ -261,8 +266,7 @@ class PartitionWindows:
             # counted before the crash: only teach the id filter again (its last save may
             # not have reached the broker), so re-published copies stay duplicates
             if ids is not None:
-                ids.fresh([r["event_id"] for r in records], [r["event_time_ms"] for r in records],
-                          offset)
+                ids.fresh(list(map(_EVENT_ID, records)), list(map(_TIME, records)), offset)
             self.last_offset = max(self.last_offset, offset)
             return MessageOutcome(late=[], release_at=0, replayed=True)
         closed = self._closed_wm_before(offset) if replay else self.closed_wm
@@ -309,10 +313,7 @@ class PartitionWindows:
             if wins:
                 states = slot.states.get(metric)
                 if states is None:
-                    kind = aggregation(metric)
-                    states = slot.states[metric] = [
-                        w.metrics.get(metric) or w.metrics.setdefault(metric, new_state(kind))
-                        for w in wins]
+                    states = slot.states[metric] = _states(wins, metric, aggregation(metric))
                 if check_seen:
                     # no id filter: each window drops an id it has seen already
                     event_id = r["event_id"]
@@ -341,7 +342,7 @@ class PartitionWindows:
                     elif metric == STOPPED:
                         for w in wins:
                             w.stops.setdefault(r["resource_id"], []).append(ts)
-                elif r.get("source") in (None, "vm"):
+                elif r.get("source") in _VM_SOURCES:
                     for w in wins:
                         w.resources.add(r["resource_id"])
             if metric == POSSIBLE_GAP:
@@ -401,18 +402,16 @@ class PartitionWindows:
         if wins:
             aggregation = self.config.aggregation
             values = list(map(_VALUE, records))
-            by_metric: dict[str, Sequence[int]]
+            by_metric: Mapping[str, Sequence[int]]
             if len(kinds) == 1:
                 by_metric = {metrics[0]: range(n)}
             else:
                 groups: dict[str, list[int]] = {}
                 for i, metric in enumerate(metrics):
                     groups.setdefault(metric, []).append(i)
-                by_metric = dict(groups)
+                by_metric = groups
             for metric, idx in by_metric.items():
-                kind = aggregation(metric)
-                states = [w.metrics.get(metric) or w.metrics.setdefault(metric, new_state(kind))
-                          for w in wins]
+                states = _states(wins, metric, aggregation(metric))
                 if states[0].kind == "sum":
                     subtotal = reduce(_CTX_ADD, map(values.__getitem__, idx), _ZERO)
                     for state in states:
