@@ -545,9 +545,14 @@ class WebhookSink(BatchingSink):
             body = window_payload(window)
         return self.window_webhook_id(window), orjson.dumps(body)
 
+    @staticmethod
+    def alert_webhook_id(alert: Mapping[str, Any]) -> str:
+        """The ``webhook-id`` of one quota alert (scoped apart from windows' ids)."""
+        return webhook_id(alert["alert_id"], ALERT_SCOPE)
+
     def alert_message(self, alert: Mapping[str, Any]) -> tuple[str, bytes]:
         """The ``webhook-id`` and JSON body of one quota alert."""
-        return webhook_id(alert["alert_id"], ALERT_SCOPE), orjson.dumps(alert_payload(alert))
+        return self.alert_webhook_id(alert), orjson.dumps(alert_payload(alert))
 
     def deliver(self, record: SinkRecord) -> DeliveryOutcome:
         """POST one window or alert until it is delivered, refused for good, or the attempts
@@ -606,7 +611,7 @@ class WebhookSink(BatchingSink):
         "" when even that cannot be derived."""
         try:
             if record.topic == self.alerts_topic:
-                return webhook_id(record.value["alert_id"], ALERT_SCOPE)
+                return self.alert_webhook_id(record.value)
             return self.window_webhook_id(record.value)
         except (KeyError, TypeError, AttributeError):
             return ""
