@@ -137,7 +137,7 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
             reports = sum(1 for r in receiver.reports if r["payload"].get("type") == "usage.window"
                           and r["payload"]["window_end_ms"] - r["payload"]["window_start_ms"] == size_ms)
             # the webhook sink's records of those deliveries, through webhook.deliveries
-            recorded = _recorded_deliveries(backend, size_ms)
+            recorded = _delivery_counts(backend, size_ms)[0]
             if stored >= len(expected) and reports >= len(expected) and recorded >= len(expected):
                 break
             time.sleep(1)
@@ -171,14 +171,17 @@ def run_demo(settings: Settings, *, tenants: int = 4, vms: int = 3, minutes: int
         del started
 
 
-def _recorded_deliveries(backend: object, size_ms: int) -> int:
-    """Windows of ``size_ms`` that ``webhook_deliveries`` records as delivered (unique ids)."""
+def _delivery_counts(backend: object, size_ms: int) -> tuple[int, int]:
+    """Windows of ``size_ms`` that ``webhook_deliveries`` records as delivered, and as
+    dead-lettered (unique ids: a re-delivery after a crash is recorded again)."""
     from sinks.clickhouse import ClickHouseBackend
 
     assert isinstance(backend, ClickHouseBackend)
-    return int(backend.query(
-        "SELECT uniqExact(webhook_id) FROM webhook_deliveries "
-        f"WHERE status IN ('delivered', 'duplicate') AND window_id LIKE '%|{size_ms}'")[0][0])
+    delivered, dead = backend.query(
+        "SELECT uniqExactIf(webhook_id, status IN ('delivered', 'duplicate')), "
+        "uniqExactIf(webhook_id, status = 'dead_lettered') FROM webhook_deliveries "
+        f"WHERE window_id LIKE '%|{size_ms}'")[0]
+    return int(delivered), int(dead)
 
 
 def _print_results(backend: object, size_ms: int, reports: int, elapsed: float) -> None:
@@ -212,10 +215,7 @@ def _print_results(backend: object, size_ms: int, reports: int, elapsed: float) 
         print(f"{tenant:<12} {windows:>7} {samples:>8} {cpu_s:>14.3f} {Decimal(score):>16.3f}")
     print("-" * len(header))
     print(f"webhook reports received for these windows (deduplicated by webhook-id): {reports}")
-    delivered, dead = backend.query(
-        "SELECT uniqExactIf(webhook_id, status IN ('delivered', 'duplicate')), "
-        "uniqExactIf(webhook_id, status = 'dead_lettered') FROM webhook_deliveries "
-        f"WHERE window_id LIKE '%|{size_ms}'")[0]
+    delivered, dead = _delivery_counts(backend, size_ms)
     print(f"webhook_deliveries in ClickHouse for these windows: {delivered} delivered, "
           f"{dead} dead-lettered")
     print(f"done in {elapsed:.1f} s")
