@@ -81,22 +81,17 @@ def stage_compute(data: list[tuple[int, bytes]]) -> int:
     """The agents' per-message work on every envelope (no Kafka); the samples windowed."""
     from metering.config import load_settings
     from schemas import envelope_codec
-    from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS
+    from streams.agents import window_config, window_ids_horizon
     from streams.dedup import EventIdFilter
     from streams.normalize import invalid_records
-    from streams.windows import PartitionWindows, WindowConfig
+    from streams.windows import PartitionWindows
 
     settings = load_settings()
     decode = envelope_codec().decode
-    config = WindowConfig(
-        sizes_ms=tuple(s * 1000 for s in settings.window_sizes_seconds),
-        lateness_ms=settings.allowed_lateness_seconds * 1000, weights=settings.score_weights,
-        heartbeat_timeout_ms=settings.vm_heartbeat_timeout_seconds * 1000,
-        aggregations=settings.metric_aggregations or DEFAULT_METRIC_AGGREGATIONS)
-    largest = max(settings.window_sizes_seconds) * 1000
+    config = window_config(settings)
+    horizon_ms, bucket_ms = window_ids_horizon(settings)
     source_ids = {p: EventIdFilter(settings.dedup_horizon_seconds * 1000) for p in range(PARTITIONS)}
-    window_ids = {p: EventIdFilter(2 * largest + config.lateness_ms + 600_000,
-                                   bucket_ms=max(60_000, largest // 6)) for p in range(PARTITIONS)}
+    window_ids = {p: EventIdFilter(horizon_ms, bucket_ms=bucket_ms) for p in range(PARTITIONS)}
     windows = {p: PartitionWindows(config, None, window_ids[p]) for p in range(PARTITIONS)}
     offsets = dict.fromkeys(range(PARTITIONS), 0)
     smallest = min(config.sizes_ms)  # every sample is in exactly one window of each size

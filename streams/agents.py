@@ -36,7 +36,7 @@ from streams.tables import StreamTables
 from streams.topics import StreamTopics
 from streams.windows import PartitionWindows, WindowConfig
 
-__all__ = ["WindowState", "install_agents"]
+__all__ = ["WindowState", "install_agents", "window_config", "window_ids_horizon"]
 
 log = logging.getLogger(__name__)
 
@@ -164,21 +164,31 @@ def _dead(ev: faust.EventT, stage: str, reason: str) -> bytes:
     )
 
 
+def window_config(settings: Settings) -> WindowConfig:
+    """How the window stage cuts and aggregates windows, from the settings."""
+    return WindowConfig(
+        sizes_ms=tuple(x * 1000 for x in settings.window_sizes_seconds),
+        lateness_ms=settings.allowed_lateness_seconds * 1000,
+        weights=settings.score_weights,
+        heartbeat_timeout_ms=settings.vm_heartbeat_timeout_seconds * 1000,
+        aggregations=settings.metric_aggregations or DEFAULT_METRIC_AGGREGATIONS,
+    )
+
+
+def window_ids_horizon(settings: Settings) -> tuple[int, int]:
+    """Horizon and bucket (ms) of the window stage's event-id filter: a few of the largest
+    windows, so a copy re-published by a restarted normalizer is still known."""
+    largest = max(settings.window_sizes_seconds) * 1000
+    return 2 * largest + settings.allowed_lateness_seconds * 1000 + 600_000, max(60_000, largest // 6)
+
+
 def install_agents(
     app: faust.App, topics: StreamTopics, tables: StreamTables, settings: Settings
 ) -> WindowState:
     """Register the normalize and windows agents and the idle-close timer on ``app``."""
     env_codec = envelope_codec()
     win_codec = window_codec()
-    state = WindowState(
-        WindowConfig(
-            sizes_ms=tuple(x * 1000 for x in settings.window_sizes_seconds),
-            lateness_ms=settings.allowed_lateness_seconds * 1000,
-            weights=settings.score_weights,
-            heartbeat_timeout_ms=settings.vm_heartbeat_timeout_seconds * 1000,
-            aggregations=settings.metric_aggregations or DEFAULT_METRIC_AGGREGATIONS,
-        )
-    )
+    state = WindowState(window_config(settings))
 
     async def settle(pending: list[Awaitable[Any]]) -> None:
         # at-least-once: the batch's events are acked only after Kafka acked our output
@@ -198,12 +208,9 @@ def install_agents(
     source_ids = TableBackedFilters(
         dedup_table.data, send_dedup, "p", settings.dedup_horizon_seconds * 1000)
     # window stage: exact per input offset, so copies re-published by a restarted
-    # normalizer are dropped, never counted as late; short horizon (a few windows)
-    largest = max(settings.window_sizes_seconds) * 1000
-    window_ids = TableBackedFilters(
-        dedup_table.data, send_dedup, "w",
-        2 * largest + settings.allowed_lateness_seconds * 1000 + 600_000,
-        bucket_ms=max(60_000, largest // 6))
+    # normalizer are dropped, never counted as late
+    horizon_ms, bucket_ms = window_ids_horizon(settings)
+    window_ids = TableBackedFilters(dedup_table.data, send_dedup, "w", horizon_ms, bucket_ms=bucket_ms)
 
     # what each agent processed, per input topic and partition (see streams/offsets.py)
     source_offsets = OffsetGuard("normalize")
