@@ -29,7 +29,7 @@ from metering.config import Settings
 from schemas import CodecError, encode_dead_letter, envelope_codec, window_codec
 from schemas.codec import SINGLE_OBJECT_MAGIC
 from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS
-from streams.dedup import EventIdFilter, TableBackedFilters
+from streams.dedup import EventIdFilter, TableBackedFilters, digests
 from streams.normalize import invalid_records
 from streams.offsets import RESEEK_AFTER_S, OffsetGuard, Verdict
 from streams.tables import StreamTables
@@ -115,11 +115,13 @@ class WindowState:
 
 class RecentlyEncoded:
     """What the normalizer just published, by exact bytes, so the window stage in the same
-    worker (partitions are co-assigned) can skip decoding it. Keyed by the whole payload, so
-    a hit is the very same message; bounded, so a miss just decodes."""
+    worker (partitions are co-assigned) can skip decoding it, and hashing its event ids.
+    Keyed by the whole payload, so a hit is the very same message; bounded, so a miss just
+    decodes."""
 
     def __init__(self, max_records: int = 200_000) -> None:
-        self._items: OrderedDict[bytes, dict[str, Any]] = OrderedDict()
+        # payload -> (decoded envelope, its records' event-id digests or None)
+        self._items: OrderedDict[bytes, tuple[dict[str, Any], list[int] | None]] = OrderedDict()
         self._max_records = max_records
         self._records = 0
         self._taken = asyncio.Event()
@@ -136,24 +138,26 @@ class RecentlyEncoded:
         except TimeoutError:
             pass  # the window stage is elsewhere (another worker) or slow: evict instead
 
-    def put(self, payload: bytes, envelope: dict[str, Any]) -> None:
-        """Remember a published payload and its decoded form."""
+    def put(self, payload: bytes, envelope: dict[str, Any], ids_digests: list[int] | None) -> None:
+        """Remember a published payload, its decoded form and (when known) the
+        :func:`~streams.dedup.digests` of its records' event ids."""
         if payload in self._items:
             return
-        self._items[payload] = envelope
+        self._items[payload] = (envelope, ids_digests)
         self._records += len(envelope["records"])
         while self._records > self._max_records and self._items:
-            _, old = self._items.popitem(last=False)
+            _, (old, _) = self._items.popitem(last=False)
             self._records -= len(old["records"])
 
-    def take(self, payload: bytes | None) -> dict[str, Any] | None:
-        """The decoded form of a payload published here, once; None when unknown."""
-        env = self._items.pop(payload, None) if payload else None
-        if env is not None:
-            self._records -= len(env["records"])
+    def take(self, payload: bytes | None) -> tuple[dict[str, Any], list[int] | None] | None:
+        """(decoded form, event-id digests or None) of a payload published here, once;
+        None when unknown."""
+        hit = self._items.pop(payload, None) if payload else None
+        if hit is not None:
+            self._records -= len(hit[0]["records"])
             if self._records <= self._max_records // 2:
                 self._taken.set()
-        return env
+        return hit
 
 
 def _dead(ev: faust.EventT, stage: str, reason: str) -> bytes:
@@ -261,13 +265,16 @@ def install_agents(
                                 f"record {i} ({records[i].get('event_id')}): {reason}")))
                         skip = {i for i, _ in bad}
                         records = [r for i, r in enumerate(records) if i not in skip]
+                    ds: list[int] | None = None  # the records' id digests, for the window stage too
                     if ids is not None:
-                        flags = ids.fresh(list(map(_EVENT_ID, records)), sent_at)
+                        ds = digests(map(_EVENT_ID, records))
+                        flags = ids.fresh(None, sent_at, ids_digests=ds)
                         if flags is not None:
                             repeated = flags.count(False)
                             dropped += repeated
                             stats.duplicates_dropped += repeated
                             records = [r for r, new in zip(records, flags, strict=True) if new]
+                            ds = None  # no longer the records'
                     tenants = set(map(_TENANT, records))
                     # one output per input message and tenant, in input order: the window
                     # stage's lateness depends on message order, so normalizing a backlog
@@ -277,7 +284,7 @@ def install_agents(
                         # the common case: the input is already canonical, forward its bytes
                         # (with the producer's watermark inside); encoding costs as much as decoding
                         tenant = next(iter(tenants))
-                        recent.put(value, env)
+                        recent.put(value, env, ds)
                         pending.append(await send(topics.records, tenant.encode(), value))
                         continue
                     by_tenant: dict[str, list[dict[str, Any]]] = {}
@@ -291,7 +298,7 @@ def install_agents(
                             "records": recs,
                         }
                         out = env_codec.encode(out_env)
-                        recent.put(out, out_env)
+                        recent.put(out, out_env, None)
                         pending.append(await send(topics.records, tenant.encode(), out))
                     if env["watermark_ms"] is not None:
                         # a producer's promise about its partition goes to the same partition
@@ -369,12 +376,13 @@ def install_agents(
                     touched.add(part)
                     try:
                         # this worker normalized it a moment ago: skip decoding it again
-                        env = recent.take(msg.value) or env_codec.decode(msg.value or b"")
+                        hit = recent.take(msg.value)
+                        env, ds = hit if hit is not None else (env_codec.decode(msg.value or b""), None)
                     except CodecError as exc:
                         pending.append(await send(topics.dlq, None, _dead(ev, "windows", str(exc))))
                         state.held[part].append((msg.offset, 0, msg))
                         continue
-                    outcome = pw.add(msg.offset, env["records"], env["watermark_ms"])
+                    outcome = pw.add(msg.offset, env["records"], env["watermark_ms"], ids_digests=ds)
                     if outcome.late_counted and outcome.replayed:
                         log.info("windows: replay of %s[%d]@%d counted %d late samples (closed_wm "
                                  "%s then; envelope %s)", msg.topic, part, msg.offset,

@@ -22,12 +22,12 @@ import base64
 import sys
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from typing import Any
 
 from xxhash import xxh3_64_intdigest
 
-__all__ = ["EventIdFilter", "TableBackedFilters", "digest", "saved_entries"]
+__all__ = ["EventIdFilter", "TableBackedFilters", "digest", "digests", "saved_entries"]
 
 _BUCKET_MS = 3_600_000
 
@@ -38,6 +38,12 @@ def digest(event_id: str) -> int:
     XXH3: about ten times cheaper than an 8-byte BLAKE2b, which was a tenth of the stream
     stage's time; not cryptographic, which dedup does not need (ids come from our producers)."""
     return xxh3_64_intdigest(event_id.encode())
+
+
+def digests(event_ids: Iterable[str]) -> list[int]:
+    """:func:`digest` of each id, at C speed: a message's ids are hashed once, by the
+    normalizer, and its digests handed on to the window stage with the decoded message."""
+    return list(map(xxh3_64_intdigest, map(str.encode, event_ids)))
 
 
 class EventIdFilter:
@@ -52,12 +58,18 @@ class EventIdFilter:
         self.horizon_ms = horizon_ms
         self.bucket_ms = bucket_ms
         self._known: set[int] = set()
+        # which input offset first passed each id, as it was recorded: (bucket, digests,
+        # their offset or one offset each), in order. Only a repeated id needs the offset (a
+        # replay, or a re-published copy), so the id -> offset map is built from these runs
+        # when one comes (_first_offsets), not by a dict insert per id of every message
+        self._runs: list[tuple[int, list[int], int | Sequence[int]]] = []
         self._first_offset: dict[int, int] = {}
+        self._folded = 0  # runs already in _first_offset
         # bucket -> its digests; lists, not sets: they are only ever subtracted from _known
         self._buckets: dict[int, list[int]] = {}
         self._newest_bucket: int | None = None
-        # since the last drain, per bucket: digests and the offsets that passed them
-        self.pending: dict[int, tuple[list[int], list[int]]] = {}
+        # since the last drain, per bucket: (digests, the input offset that passed them)
+        self._pending: dict[int, list[tuple[list[int], int]]] = {}
 
     def __len__(self) -> int:
         return len(self._known)
@@ -72,18 +84,20 @@ class EventIdFilter:
         return self._check(digest(event_id), at_ms, offset)
 
     def fresh(
-        self, event_ids: Sequence[str], at_ms: int | Sequence[int], offset: int = -1
+        self, event_ids: Sequence[str] | None, at_ms: int | Sequence[int], offset: int = -1,
+        *, ids_digests: list[int] | None = None,
     ) -> list[bool] | None:
         """Check and remember one message's ids at once: None when every id is new (the
         common case, and nothing to filter), else one flag per id, True where it passes.
 
         Equivalent to :meth:`check_and_add` on each id in order (``at_ms`` one time for all
         or one per id), except that an id repeated inside the message passes only once, on
-        a replay too.
+        a replay too. ``ids_digests``: the ids' :func:`digests`, when already computed
+        (``event_ids`` may then be None). The digests are kept, not copied.
         """
-        if not event_ids:
+        ds = ids_digests if ids_digests is not None else digests(event_ids or ())
+        if not ds:
             return None
-        ds = list(map(xxh3_64_intdigest, map(str.encode, event_ids)))
         new = set(ds)
         if len(new) == len(ds) and new.isdisjoint(self._known):
             if isinstance(at_ms, int):
@@ -110,7 +124,7 @@ class EventIdFilter:
 
     def _check(self, d: int, at_ms: int, offset: int) -> bool:
         if d in self._known:
-            return offset >= 0 and self._first_offset.get(d, -1) >= offset
+            return offset >= 0 and self._first_offsets().get(d, -1) >= offset
         self._add_new([d], at_ms - at_ms % self.bucket_ms, offset)
         return True
 
@@ -123,12 +137,12 @@ class EventIdFilter:
         else:
             members.extend(ds)
         if offset >= 0:
-            self._first_offset.update(dict.fromkeys(ds, offset))
-        pending = self.pending.get(bucket)
+            self._runs.append((bucket, ds, offset))
+        pending = self._pending.get(bucket)
         if pending is None:
-            pending = self.pending[bucket] = ([], [])
-        pending[0].extend(ds)
-        pending[1].extend(repeat(offset, len(ds)))
+            self._pending[bucket] = [(ds, offset)]
+        else:
+            pending.append((ds, offset))
         if self._newest_bucket is None or bucket > self._newest_bucket:
             self._newest_bucket = bucket
 
@@ -150,21 +164,40 @@ class EventIdFilter:
                     incoming -= common
         self._known |= incoming
         self._buckets.setdefault(bucket, []).extend(incoming)
-        self._first_offset.update((d, o) for d, o in zip(ds, offsets, strict=False) if o >= 0)
+        offs = list(offsets)
+        if offs:
+            self._runs.append((bucket, ds, offs))
         if self._newest_bucket is None or bucket > self._newest_bucket:
             self._newest_bucket = bucket
 
+    def _first_offsets(self) -> dict[int, int]:
+        # the id -> first offset map, brought up to date with the runs recorded since
+        runs = self._runs
+        if self._folded < len(runs):
+            first = self._first_offset
+            for _, ds, offs in runs[self._folded:]:
+                if isinstance(offs, int):
+                    first.update(dict.fromkeys(ds, offs))
+                else:
+                    first.update((d, o) for d, o in zip(ds, offs, strict=False) if o >= 0)
+            self._folded = len(runs)
+        return self._first_offset
+
     def drain(self, chunk: int = 10_000) -> Iterator[tuple[int, dict[str, Any]]]:
         """The ids added since the last drain, per bucket, in chunks: table values to save."""
-        pending, self.pending = self.pending, {}
-        for bucket, (ds, offs) in pending.items():
+        pending, self._pending = self._pending, {}
+        for bucket, parts in pending.items():
+            ds = list(chain.from_iterable(p for p, _ in parts)) if len(parts) > 1 else parts[0][0]
+            offs = array("q")
+            for part, offset in parts:
+                offs.extend(array("q", (offset,)) * len(part))
             for i in range(0, len(ds), chunk):
                 # packed little-endian arrays, base64: one call per chunk instead of one
                 # string per id (the changelog value is JSON)
                 value: dict[str, Any] = {"bucket": bucket, "ids": _pack(array("Q", ds[i : i + chunk]))}
-                part = offs[i : i + chunk]
-                if max(part) >= 0:
-                    value["offsets"] = _pack(array("q", part))
+                chunk_offsets = offs[i : i + chunk]
+                if max(chunk_offsets) >= 0:
+                    value["offsets"] = _pack(chunk_offsets)
                 yield bucket, value
 
     def expire(self) -> list[int]:
@@ -174,11 +207,11 @@ class EventIdFilter:
         cutoff = self._newest_bucket - self.horizon_ms
         dropped = [b for b in self._buckets if b + self.bucket_ms <= cutoff]
         for b in dropped:
-            members = self._buckets.pop(b)
-            self._known.difference_update(members)
-            if self._first_offset:
-                for d in members:
-                    self._first_offset.pop(d, None)
+            self._known.difference_update(self._buckets.pop(b))
+        if dropped:
+            gone = set(dropped)
+            self._runs = [run for run in self._runs if run[0] not in gone]
+            self._first_offset, self._folded = {}, 0  # rebuilt from the runs left, when needed
         return dropped
 
 

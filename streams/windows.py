@@ -256,9 +256,13 @@ class PartitionWindows:
         return self.last_offset < self._replay_until
 
     def add(
-        self, offset: int, records: Iterable[Mapping[str, Any]], watermark_ms: int | None = None
+        self, offset: int, records: Iterable[Mapping[str, Any]], watermark_ms: int | None = None,
+        *, ids_digests: list[int] | None = None,
     ) -> MessageOutcome:
-        """Fold one input message's canonical records in (offsets must increase)."""
+        """Fold one input message's canonical records in (offsets must increase).
+
+        ``ids_digests``: the records' event-id :func:`~streams.dedup.digests`, when the
+        caller has them already (the normalizer computed them for this very message)."""
         records = records if isinstance(records, list) else list(records)
         replay = offset <= self._replay_until
         ids = self.ids
@@ -266,7 +270,8 @@ class PartitionWindows:
             # counted before the crash: only teach the id filter again (its last save may
             # not have reached the broker), so re-published copies stay duplicates
             if ids is not None:
-                ids.fresh(list(map(_EVENT_ID, records)), list(map(_TIME, records)), offset)
+                ids.fresh(None if ids_digests else list(map(_EVENT_ID, records)),
+                          list(map(_TIME, records)), offset, ids_digests=ids_digests)
             self.last_offset = max(self.last_offset, offset)
             return MessageOutcome(late=[], release_at=0, replayed=True)
         closed = self._closed_wm_before(offset) if replay else self.closed_wm
@@ -276,7 +281,8 @@ class PartitionWindows:
         if ids is not None and records:
             # one message's ids at once; the filter also drops an id repeated inside the
             # message, so no per-window set of ids is needed
-            flags = ids.fresh(list(map(_EVENT_ID, records)), times, offset)
+            flags = ids.fresh(None if ids_digests else list(map(_EVENT_ID, records)), times, offset,
+                              ids_digests=ids_digests)
             if flags is not None:
                 out.duplicates += flags.count(False)
                 records = [r for r, new in zip(records, flags, strict=True) if new]

@@ -5,7 +5,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.dedup import EventIdFilter, digest, saved_entries
+from streams.dedup import EventIdFilter, digest, digests, saved_entries
 
 H = 3_600_000
 
@@ -87,15 +87,17 @@ class _Model:
 @given(st.lists(st.tuples(
     st.lists(st.sampled_from([f"e{i}" for i in range(30)]), max_size=12),
     st.integers(0, 6 * H), st.integers(0, 20 * 60_000), st.integers(-1, 8), st.booleans(),
-    st.sampled_from(["none", "expire", "reload"]),
+    st.sampled_from(["none", "expire", "reload"]), st.booleans(),
 ), max_size=25))
 def test_fresh_matches_checking_each_id_in_order(ops: list[Any]) -> None:
     f = EventIdFilter(horizon_ms=2 * H, bucket_ms=H)
     model = _Model(2 * H, H)
     saved: dict[str, Any] = {}
-    for n, (ids, at, spread, offset, per_id_times, then) in enumerate(ops):
+    for n, (ids, at, spread, offset, per_id_times, then, hashed) in enumerate(ops):
         times = [at + i * spread for i in range(len(ids))] if per_id_times else [at] * len(ids)
-        flags = f.fresh(ids, times if per_id_times else at, offset)
+        # digests handed in (as the window stage gets them from the normalizer) or not
+        flags = f.fresh(ids, times if per_id_times else at, offset,
+                        ids_digests=digests(ids) if hashed else None)
         expected = model.check(ids, times, offset)
         assert (flags if flags is not None else [True] * len(ids)) == expected
         for k, (_, value) in enumerate(f.drain(chunk=5)):
@@ -106,8 +108,8 @@ def test_fresh_matches_checking_each_id_in_order(ops: list[Any]) -> None:
             assert len(f) == len(model.ids)
         elif then == "reload":  # a restart: a new filter from what was saved
             f = EventIdFilter(horizon_ms=2 * H, bucket_ms=H)
-            for _key, bucket, digests, offsets in saved_entries(saved, "p0:"):
-                f.load(bucket, digests, offsets)
+            for _key, bucket, saved_digests, offsets in saved_entries(saved, "p0:"):
+                f.load(bucket, saved_digests, offsets)
             assert len(f) == len(model.ids)
 
 

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metering.config import DEFAULT_SCORE_WEIGHTS
-from streams.dedup import EventIdFilter, saved_entries
+from streams.dedup import EventIdFilter, digests, saved_entries
 from streams.windows import PartitionWindows, WindowConfig
 
 SIZES = (10_000, 30_000)
@@ -56,11 +56,13 @@ def streams_(draw: Any, max_disorder: int) -> list[list[dict]]:
 
 
 def run(messages: list[list[dict]], lateness: int, crash_at: int | list[int] | None = None,
-        republish: int = 0, commit_lag: int = 0) -> tuple[dict[str, dict], list[dict]]:
+        republish: int = 0, commit_lag: int = 0,
+        hashed: bool = False) -> tuple[dict[str, dict], list[dict]]:
     """Feed messages, emitting windows. ``crash_at``: the processing steps (counting replayed
     messages too, so a crash can hit a replay) after which the worker dies and restarts from
     the last snapshot; the first crash also appends, like a restarted normalizer, copies of
-    the last ``republish`` messages."""
+    the last ``republish`` messages. ``hashed``: hand each message's id digests in, as the
+    worker does for what its normalizer just published."""
     crash_steps = sorted({crash_at} if isinstance(crash_at, int) else set(crash_at or ()))
     cfg = config(lateness)
     table: dict[str, dict] = {}
@@ -83,7 +85,8 @@ def run(messages: list[list[dict]], lateness: int, crash_at: int | list[int] | N
     step = -1
     while off < len(messages):
         step += 1
-        out = pw.add(off, messages[off])
+        out = pw.add(off, messages[off], ids_digests=digests(
+            [r["event_id"] for r in messages[off]]) if hashed else None)
         late.extend(out.late)
         held[off] = out.release_at
         for w in pw.close_due():
@@ -190,7 +193,8 @@ def test_crash_and_replay_emit_what_an_uninterrupted_run_emits(
     republish = data.draw(st.integers(0, 3))
     lag = data.draw(st.integers(0, 10))
     clean, clean_late = run(messages, lateness=3_000)
-    crashed, _ = run(messages, lateness=3_000, crash_at=crash_at, republish=republish, commit_lag=lag)
+    crashed, _ = run(messages, lateness=3_000, crash_at=crash_at, republish=republish, commit_lag=lag,
+                     hashed=data.draw(st.booleans()))
     assert crashed == clean
 
 
