@@ -8,7 +8,7 @@ would stay visible to ``count()`` (ReplacingMergeTree could otherwise hide it), 
 (materialized views, which see every insert whatever merges do) would count it twice.
 
 Each sink process joins a NEW consumer group: the join takes about 5 s on Tansu instead of
-waiting out the killed member's 10 s session, and it leaves the stored offsets as the only way
+waiting out the killed member's 6 s session, and it leaves the stored offsets as the only way
 to know where to resume (committed offsets of the old groups are not even visible).
 
 ``CLICKHOUSE_CRASH_RECORDS`` overrides the number of records (default 1,000,000);
