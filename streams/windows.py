@@ -45,7 +45,7 @@ from streams.aggregations import (
     MetricState,
     new_state,
 )
-from streams.dedup import EventIdFilter
+from streams.dedup import EventIdFilter, digests
 from streams.lifecycle import VM_RUNNING_AGGREGATION, VM_RUNNING_METRIC, vm_running_seconds
 from streams.scoring import score
 
@@ -266,12 +266,13 @@ class PartitionWindows:
         records = records if isinstance(records, list) else list(records)
         replay = offset <= self._replay_until
         ids = self.ids
+        if ids is not None and ids_digests is None:
+            ids_digests = digests(map(_EVENT_ID, records))
         if replay and offset < self._exact_from:
             # counted before the crash: only teach the id filter again (its last save may
             # not have reached the broker), so re-published copies stay duplicates
             if ids is not None:
-                ids.fresh(None if ids_digests else list(map(_EVENT_ID, records)),
-                          list(map(_TIME, records)), offset, ids_digests=ids_digests)
+                ids.fresh(None, list(map(_TIME, records)), offset, ids_digests=ids_digests)
             self.last_offset = max(self.last_offset, offset)
             return MessageOutcome(late=[], release_at=0, replayed=True)
         closed = self._closed_wm_before(offset) if replay else self.closed_wm
@@ -281,8 +282,7 @@ class PartitionWindows:
         if ids is not None and records:
             # one message's ids at once; the filter also drops an id repeated inside the
             # message, so no per-window set of ids is needed
-            flags = ids.fresh(None if ids_digests else list(map(_EVENT_ID, records)), times, offset,
-                              ids_digests=ids_digests)
+            flags = ids.fresh(None, times, offset, ids_digests=ids_digests)
             if flags is not None:
                 out.duplicates += flags.count(False)
                 records = [r for r, new in zip(records, flags, strict=True) if new]
