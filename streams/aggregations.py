@@ -88,6 +88,45 @@ class MetricState:
             if old is None or value > old:
                 series[ts_ms] = value
 
+    def merge(self, other: MetricState) -> None:
+        """Fold in another state of the same kind: the same as adding its samples one by one
+        (every aggregation is exact and order-independent, so a message can be folded once
+        and merged into each of its windows)."""
+        if other.kind != self.kind:
+            raise ValueError(f"cannot merge a {other.kind} state into a {self.kind} state")
+        self.samples += other.samples
+        kind = self.kind
+        if kind == "sum":
+            self.total = _CTX.add(self.total, other.total)
+        elif kind == "max":
+            if other.maximum is not None and (self.maximum is None or other.maximum > self.maximum):
+                self.maximum = other.maximum
+        elif kind == "latest":
+            key = other.latest_key
+            if key is not None and (self.latest_key is None or key > self.latest_key):
+                self.latest_key, self.latest = key, other.latest
+        elif kind == "unique_count":
+            self.distinct |= other.distinct
+        elif kind == "resource_mean":
+            mine = self.per_resource
+            for resource_id, (total, n) in other.per_resource.items():
+                acc = mine.get(resource_id)
+                if acc is None:
+                    mine[resource_id] = [total, n]  # a copy: other may be merged elsewhere too
+                else:
+                    acc[0] = _CTX.add(acc[0], total)
+                    acc[1] += n
+        elif kind == "time_weighted":
+            for resource_id, theirs in other.points.items():
+                series = self.points.get(resource_id)
+                if series is None:
+                    self.points[resource_id] = dict(theirs)
+                    continue
+                for ts_ms, value in theirs.items():
+                    old = series.get(ts_ms)
+                    if old is None or value > old:
+                        series[ts_ms] = value
+
     def result(self, window_end_ms: int | None = None) -> Decimal:
         """The aggregated value (unrounded); ``time_weighted`` needs the window's end."""
         kind = self.kind

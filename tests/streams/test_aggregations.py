@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metering.config import load_settings
 from metering.errors import ConfigError
@@ -127,6 +129,44 @@ def test_resource_mean_of_repeating_means_rounds_the_same_in_every_arrival_order
         order = sorted(events, key=lambda e: first.index(e[1]))
         billed.add(fold_events("resource_mean", order).result().quantize(Decimal("1E-9")))
     assert billed == {Decimal("0.333333334")}  # half-even on the exact total
+
+
+_EVENTS = st.lists(st.tuples(st.sampled_from(["vm-a", "vm-b", "vm-c"]), st.integers(0, 9_000),
+                             st.integers(0, 40).map(lambda v: str(Decimal(v) / 8))), max_size=30)
+
+
+@pytest.mark.parametrize("kind", AGGREGATIONS)
+@settings(max_examples=100, deadline=None)
+@given(events=_EVENTS, cuts=st.lists(st.integers(0, 30), max_size=4))
+def test_merging_folded_parts_equals_adding_every_sample(
+        kind: str, events: list[tuple[str, int, str]], cuts: list[int]) -> None:
+    # the window stage merges a message folded once into each of its windows, which already
+    # hold other messages: the same state as adding the samples one by one
+    numbered = [(f"e{i}", res, ts, value) for i, (res, ts, value) in enumerate(events)]
+    one_by_one = fold_events(kind, numbered)
+    bounds = [0, *sorted(c for c in cuts if c <= len(numbered)), len(numbered)]
+    merged = new_state(kind)
+    for lo, hi in itertools.pairwise(bounds):
+        merged.merge(fold_events(kind, numbered[lo:hi]))
+    assert merged.samples == one_by_one.samples
+    assert merged.result(10_000) == one_by_one.result(10_000)
+
+
+def test_merging_leaves_the_merged_part_alone_and_refuses_another_kind() -> None:
+    part = fold("resource_mean", [("vm-a", 0, "1")])
+    first, second = fold("resource_mean", [("vm-a", 0, "2")]), new_state("resource_mean")
+    first.merge(part)
+    second.merge(part)
+    second.merge(part)
+    assert (first.result(), second.result()) == (Decimal("1.5"), Decimal(1))
+    assert part.per_resource == {"vm-a": [Decimal(1), 1]}  # copied, not shared
+    points = fold("time_weighted", [("vm-a", 0, "1")])
+    into = new_state("time_weighted")
+    into.merge(points)
+    into.merge(fold("time_weighted", [("vm-a", 5, "2")]))
+    assert points.points == {"vm-a": {0: Decimal(1)}}
+    with pytest.raises(ValueError, match="cannot merge a sum state into a max state"):
+        new_state("max").merge(new_state("sum"))
 
 
 def test_unknown_aggregation_is_refused() -> None:
