@@ -31,7 +31,7 @@ from __future__ import annotations
 import bisect
 import decimal
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import reduce
@@ -49,7 +49,7 @@ from streams.dedup import EventIdFilter, digests
 from streams.lifecycle import VM_RUNNING_AGGREGATION, VM_RUNNING_METRIC, vm_running_seconds
 from streams.scoring import score
 
-__all__ = ["MessageOutcome", "PartitionWindows", "WindowConfig", "window_id"]
+__all__ = ["FoldedMessage", "MessageOutcome", "PartitionWindows", "WindowConfig", "fold_message", "window_id"]
 
 _CTX = decimal.Context(prec=80, rounding=decimal.ROUND_HALF_EVEN)
 _CTX_ADD = AGGREGATION_CONTEXT.add
@@ -75,6 +75,12 @@ class WindowConfig:
         """The aggregation declared for a metric (``sum`` when none is)."""
         return self.aggregations.get(metric, self.default_aggregation)
 
+    @property
+    def grain_ms(self) -> int:
+        """The sizes' gcd: every window boundary is a multiple of it, so the samples of one
+        tenant in one grain fall into the same windows."""
+        return math.gcd(*self.sizes_ms)
+
 
 def window_id(tenant_id: str, start_ms: int, size_ms: int) -> str:
     """The deterministic identity of a tenant's window."""
@@ -91,6 +97,17 @@ class _Window:
     alive: dict[str, list[int]] = field(default_factory=dict)  # VM -> heartbeat/start times
     starts: dict[str, list[int]] = field(default_factory=dict)  # VM -> start times
     stops: dict[str, list[int]] = field(default_factory=dict)  # VM -> stop times
+
+    def merge(self, folded: FoldedMessage) -> None:
+        """Count a folded message's samples in this window."""
+        metrics = self.metrics
+        for metric, part in folded.metrics.items():
+            state = metrics.get(metric)
+            if state is None:
+                state = metrics[metric] = new_state(part.kind)
+            state.merge(part)
+        self.samples += len(folded.times)
+        self.resources |= folded.vms
 
     def vm_running(self, start: int, end: int) -> dict[str, Any] | None:
         """The ``vm_running_seconds`` total of this window [start, end) (see
@@ -123,6 +140,76 @@ _VM_SOURCES = frozenset({None, "vm"})  # the samples whose resource is a VM (for
 _TIME, _EVENT_ID, _TENANT, _METRIC, _VALUE, _RESOURCE = map(
     itemgetter, ("event_time_ms", "event_id", "tenant_id", "metric", "value", "resource_id"))
 _SOURCE = methodcaller("get", "source")
+
+
+@dataclass(slots=True)
+class FoldedMessage:
+    """One message's samples folded ahead of the window stage (:func:`fold_message`): all of
+    one tenant and one grain, so they count in the same windows. What the window stage needs
+    of the message besides its records, which it then needs only when some are duplicates
+    or late."""
+
+    tenant: str
+    times: list[int]  # each record's event time, in order (the id filter buckets by them)
+    lo: int
+    hi: int
+    metrics: dict[str, MetricState]  # each metric's samples, aggregated
+    vms: set[str]  # the VMs with usage (for the gap check)
+
+
+def fold_message(config: WindowConfig, records: list[Mapping[str, Any]]) -> FoldedMessage | None:
+    """The message's samples aggregated once, to be merged into each of their windows; None
+    when they do not all fall into one slot (one tenant, one grain) or include lifecycle
+    records: :meth:`PartitionWindows.add` then folds them sample by sample.
+
+    A usage.records envelope has one tenant (the normalizer splits by tenant) and a
+    producer's batch covers seconds, so this is the common case. Aggregations are exact and
+    order-independent (sums are decimal(38, 9) values added in an 80-digit context), so
+    merging the folded states equals adding the samples one by one; a property test checks
+    it. The normalizer folds a message right after decoding it, and hands the window stage
+    this instead of the records: hundreds of decoded records held until the window stage
+    takes them made every later decode write to cold memory (see docs/ARCHITECTURE.md).
+    """
+    if not records:
+        return None
+    times = list(map(_TIME, records))
+    lo, hi = min(times), max(times)
+    grain = config.grain_ms
+    if lo - lo % grain != hi - hi % grain:
+        return None
+    tenants = set(map(_TENANT, records))
+    if len(tenants) != 1:
+        return None
+    metrics = list(map(_METRIC, records))
+    kinds = set(metrics)
+    if not kinds.isdisjoint(_LIFECYCLE):
+        return None
+    values = list(map(_VALUE, records))
+    by_metric: Mapping[str, Sequence[int]]
+    if len(kinds) == 1:
+        by_metric = {metrics[0]: range(len(records))}
+    else:
+        groups: dict[str, list[int]] = {}
+        for i, metric in enumerate(metrics):
+            groups.setdefault(metric, []).append(i)
+        by_metric = groups
+    states: dict[str, MetricState] = {}
+    for metric, idx in by_metric.items():
+        state = states[metric] = new_state(config.aggregation(metric))
+        if state.kind == "sum":  # the common aggregation, at C speed
+            state.samples = len(idx)
+            state.total = reduce(_CTX_ADD, map(values.__getitem__, idx), _ZERO)
+        else:
+            for i in idx:
+                r = records[i]
+                state.add(values[i], times[i], r["event_id"], r["resource_id"])
+    sources = set(map(_SOURCE, records))
+    if sources <= _VM_SOURCES:
+        vms = set(map(_RESOURCE, records))
+    else:
+        vms = {r["resource_id"] for r in records if r.get("source") in _VM_SOURCES}
+    (tenant,) = tenants
+    return FoldedMessage(tenant, times, lo, hi, states, vms)
 
 
 def _states(wins: list[_Window], metric: str, kind: str) -> list[MetricState]:
@@ -264,32 +351,63 @@ class PartitionWindows:
         ``ids_digests``: the records' event-id :func:`~streams.dedup.digests`, when the
         caller has them already (the normalizer computed them for this very message)."""
         records = records if isinstance(records, list) else list(records)
+        return self._add(offset, None, records, None, watermark_ms, ids_digests)
+
+    def add_folded(
+        self, offset: int, folded: FoldedMessage, load: Callable[[], list[Mapping[str, Any]]],
+        watermark_ms: int | None = None, *, ids_digests: list[int] | None = None,
+    ) -> MessageOutcome:
+        """:meth:`add` for a message already folded by :func:`fold_message` (with this
+        window configuration) where it was decoded. ``load()`` gives the message's records;
+        it is called only when they are needed: when some of them are duplicates, when they
+        are late (to report them), or when no ``ids_digests`` are given."""
+        return self._add(offset, folded, None, load, watermark_ms, ids_digests)
+
+    def _add(
+        self, offset: int, folded: FoldedMessage | None, records: list[Mapping[str, Any]] | None,
+        load: Callable[[], list[Mapping[str, Any]]] | None, watermark_ms: int | None,
+        ids_digests: list[int] | None,
+    ) -> MessageOutcome:
+        def records_() -> list[Mapping[str, Any]]:
+            nonlocal records
+            if records is None:
+                assert load is not None
+                records = load()
+            return records
+
         replay = offset <= self._replay_until
         ids = self.ids
+        if ids is None and folded is not None:
+            folded = None  # without an id filter, each window drops the ids it has seen
         if ids is not None and ids_digests is None:
-            ids_digests = digests(map(_EVENT_ID, records))
+            ids_digests = digests(map(_EVENT_ID, records_()))
         if replay and offset < self._exact_from:
             # counted before the crash: only teach the id filter again (its last save may
             # not have reached the broker), so re-published copies stay duplicates
             if ids is not None:
-                ids.fresh(None, list(map(_TIME, records)), offset, ids_digests=ids_digests)
+                times = folded.times if folded is not None else list(map(_TIME, records_()))
+                ids.fresh(None, times, offset, ids_digests=ids_digests)
             self.last_offset = max(self.last_offset, offset)
             return MessageOutcome(late=[], release_at=0, replayed=True)
         closed = self._closed_wm_before(offset) if replay else self.closed_wm
         final = self._final_wm if replay else None
         out = MessageOutcome(late=[], release_at=0, replayed=replay, decided_with=closed)
-        times = list(map(_TIME, records))
-        if ids is not None and records:
+        if ids is not None and (folded is not None or records_()):
             # one message's ids at once; the filter also drops an id repeated inside the
             # message, so no per-window set of ids is needed
+            times = folded.times if folded is not None else list(map(_TIME, records_()))
             flags = ids.fresh(None, times, offset, ids_digests=ids_digests)
             if flags is not None:
                 out.duplicates += flags.count(False)
-                records = [r for r, new in zip(records, flags, strict=True) if new]
-                times = list(map(_TIME, records))
-        if ids is not None and records and self._fold_one_slot(records, times, closed, final, out):
+                records = [r for r, new in zip(records_(), flags, strict=True) if new]
+                folded = None
+            if folded is None:
+                folded = fold_message(self.config, records_())
+        if folded is not None:
+            self._merge(folded, closed, final, out, records_)
             self._finish(offset, watermark_ms, out)
             return out
+        records = records_()
         aggregation = self.config.aggregation
         check_seen = ids is None
         release_at = 0
@@ -370,76 +488,25 @@ class PartitionWindows:
             self.promised_ms = watermark_ms
         self.last_offset = max(self.last_offset, offset)
 
-    def _fold_one_slot(
-        self, records: list[Mapping[str, Any]], times: list[int], closed: int | None,
-        final: int | None, out: MessageOutcome,
-    ) -> bool:
-        """Fold in a message whose samples all fall into one slot (one tenant, one grain; no
-        lifecycle records), as a whole: what the per-sample loop of :meth:`add` does, with
-        each metric's samples summed once and added to each window, and set operations run
-        over the whole message. True when done; False when the message does not qualify (the
-        loop then folds it in). A usage.records envelope has one tenant (the normalizer
-        splits by tenant) and a producer's batch covers seconds, so this is the common case.
-
-        Sums are exact (decimal(38, 9) values in an 80-digit context), so adding a subtotal
-        equals adding the samples one by one: the result is the loop's.
-        """
-        lo, hi = min(times), max(times)
-        grain = self._grain
-        if lo - lo % grain != hi - hi % grain:
-            return False
-        tenants = set(map(_TENANT, records))
-        if len(tenants) != 1:
-            return False
-        metrics = list(map(_METRIC, records))
-        kinds = set(metrics)
-        if not kinds.isdisjoint(_LIFECYCLE):
-            return False
-        (tenant,) = tenants
-        slot = self._slot(tenant, lo, closed, final)
-        n = len(records)
+    def _merge(
+        self, folded: FoldedMessage, closed: int | None, final: int | None, out: MessageOutcome,
+        records: Callable[[], list[Mapping[str, Any]]],
+    ) -> None:
+        """Count a folded message in its windows, as the per-sample loop of :meth:`_add`
+        would count its samples: once per message, not once per sample."""
+        slot = self._slot(folded.tenant, folded.lo, closed, final)
+        n = len(folded.times)
         if slot.late:
             for carrier in slot.carriers:
                 carrier.late += n
             out.late_counted += len(slot.carriers) * n
             if not out.replayed:
-                out.late.extend(records)
-        wins = slot.windows
-        if wins:
-            aggregation = self.config.aggregation
-            values = list(map(_VALUE, records))
-            by_metric: Mapping[str, Sequence[int]]
-            if len(kinds) == 1:
-                by_metric = {metrics[0]: range(n)}
-            else:
-                groups: dict[str, list[int]] = {}
-                for i, metric in enumerate(metrics):
-                    groups.setdefault(metric, []).append(i)
-                by_metric = groups
-            for metric, idx in by_metric.items():
-                states = _states(wins, metric, aggregation(metric))
-                if states[0].kind == "sum":
-                    subtotal = reduce(_CTX_ADD, map(values.__getitem__, idx), _ZERO)
-                    for state in states:
-                        state.samples += len(idx)
-                        state.total = _CTX_ADD(state.total, subtotal)
-                else:
-                    for i in idx:
-                        r = records[i]
-                        for state in states:
-                            state.add(values[i], times[i], r["event_id"], r["resource_id"])
-            sources = set(map(_SOURCE, records))
-            if sources <= _VM_SOURCES:
-                vms = set(map(_RESOURCE, records))
-            else:
-                vms = {r["resource_id"] for r in records if r.get("source") in _VM_SOURCES}
-            for w in wins:
-                w.samples += n
-                w.resources |= vms
+                out.late.extend(records())
+        for w in slot.windows:
+            w.merge(folded)
         out.release_at = slot.release_at
-        if self.max_event_ms is None or hi > self.max_event_ms:
-            self.max_event_ms = hi
-        return True
+        if self.max_event_ms is None or folded.hi > self.max_event_ms:
+            self.max_event_ms = folded.hi
 
     def _slot(self, tenant: str, ts: int, closed: int | None, final: int | None) -> _Slot:
         """Where the samples of ``tenant`` at ``ts`` (and in its grain) go, per window size:

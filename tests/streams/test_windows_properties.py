@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metering.config import DEFAULT_SCORE_WEIGHTS
+from streams import windows
 from streams.dedup import EventIdFilter, digests, saved_entries
 from streams.windows import PartitionWindows, WindowConfig
 
@@ -56,13 +57,15 @@ def streams_(draw: Any, max_disorder: int) -> list[list[dict]]:
 
 
 def run(messages: list[list[dict]], lateness: int, crash_at: int | list[int] | None = None,
-        republish: int = 0, commit_lag: int = 0,
-        hashed: bool = False) -> tuple[dict[str, dict], list[dict]]:
+        republish: int = 0, commit_lag: int = 0, hashed: bool = False,
+        folded: bool = False, loads: list[int] | None = None) -> tuple[dict[str, dict], list[dict]]:
     """Feed messages, emitting windows. ``crash_at``: the processing steps (counting replayed
     messages too, so a crash can hit a replay) after which the worker dies and restarts from
     the last snapshot; the first crash also appends, like a restarted normalizer, copies of
     the last ``republish`` messages. ``hashed``: hand each message's id digests in, as the
-    worker does for what its normalizer just published."""
+    worker does for what its normalizer just published. ``folded`` (with ``hashed``): hand
+    in each message folded beforehand, as the normalizer does, with its records only on
+    request; the steps that requested them are appended to ``loads``."""
     crash_steps = sorted({crash_at} if isinstance(crash_at, int) else set(crash_at or ()))
     cfg = config(lateness)
     table: dict[str, dict] = {}
@@ -85,8 +88,17 @@ def run(messages: list[list[dict]], lateness: int, crash_at: int | list[int] | N
     step = -1
     while off < len(messages):
         step += 1
-        out = pw.add(off, messages[off], ids_digests=digests(
-            [r["event_id"] for r in messages[off]]) if hashed else None)
+        msg = messages[off]
+        ds = digests([r["event_id"] for r in msg]) if hashed else None
+        pre = windows.fold_message(cfg, msg) if folded and hashed else None
+        if pre is not None:
+            def load(msg: list[dict] = msg, step: int = step) -> list[dict]:
+                if loads is not None:
+                    loads.append(step)
+                return [dict(r) for r in msg]  # decoded again: equal records, not the same
+            out = pw.add_folded(off, pre, load, ids_digests=ds)
+        else:
+            out = pw.add(off, msg, ids_digests=ds)
         late.extend(out.late)
         held[off] = out.release_at
         for w in pw.close_due():
@@ -193,8 +205,9 @@ def test_crash_and_replay_emit_what_an_uninterrupted_run_emits(
     republish = data.draw(st.integers(0, 3))
     lag = data.draw(st.integers(0, 10))
     clean, clean_late = run(messages, lateness=3_000)
+    hashed = data.draw(st.booleans())
     crashed, _ = run(messages, lateness=3_000, crash_at=crash_at, republish=republish, commit_lag=lag,
-                     hashed=data.draw(st.booleans()))
+                     hashed=hashed, folded=hashed and data.draw(st.booleans()))
     assert crashed == clean
 
 
@@ -237,10 +250,32 @@ def test_folding_a_message_whole_equals_folding_it_sample_by_sample(
     messages = by_slot(messages)
     crash = data.draw(st.one_of(st.none(), st.integers(1, len(messages) + 2)))
     whole = run(messages, lateness=5_000, crash_at=crash, republish=1)
-    original = PartitionWindows._fold_one_slot
-    PartitionWindows._fold_one_slot = lambda *args: False  # type: ignore[method-assign]
+    original = windows.fold_message
+    windows.fold_message = lambda *args: None  # type: ignore[assignment]  # every message sample by sample
     try:
         one_by_one = run(messages, lateness=5_000, crash_at=crash, republish=1)
     finally:
-        PartitionWindows._fold_one_slot = original  # type: ignore[method-assign]
+        windows.fold_message = original  # type: ignore[assignment]
     assert whole == one_by_one
+
+
+@settings(max_examples=150, deadline=None)
+@given(streams_(max_disorder=20_000), st.data())
+def test_a_message_folded_where_it_was_decoded_counts_as_its_records_do(
+        messages: list[list[dict]], data: Any) -> None:
+    # the normalizer folds a message and hands the window stage that instead of its records:
+    # the same windows and late samples, and the records are asked for only when some of
+    # them are duplicates or late
+    messages = by_slot(messages)
+    lateness = data.draw(st.sampled_from([2_000, 5_000]))
+    plain = run(messages, lateness=lateness, hashed=True)
+    loads: list[int] = []
+    folded = run(messages, lateness=lateness, hashed=True, folded=True, loads=loads)
+    assert folded == plain
+    late_ids = {r["event_id"] for r in plain[1]}
+    seen: set[str] = set()
+    for step, msg in enumerate(messages):
+        ids = [r["event_id"] for r in msg]
+        needed = len(set(ids)) < len(ids) or not seen.isdisjoint(ids) or not late_ids.isdisjoint(ids)
+        seen.update(ids)
+        assert (step in loads) == needed, (step, ids)
