@@ -17,8 +17,9 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from operator import itemgetter
 from typing import Any
 
@@ -34,9 +35,11 @@ from streams.normalize import invalid_records
 from streams.offsets import RESEEK_AFTER_S, OffsetGuard, Verdict
 from streams.tables import StreamTables
 from streams.topics import StreamTopics
-from streams.windows import PartitionWindows, WindowConfig
+from streams.windows import FoldedMessage, PartitionWindows, WindowConfig, fold_message
 
-__all__ = ["WindowState", "install_agents", "window_config", "window_ids_horizon"]
+__all__ = [
+    "Published", "RecentlyEncoded", "WindowState", "install_agents", "window_config", "window_ids_horizon",
+]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,31 @@ class WindowState:
         return [(tp, off) for off, at, tp in self.seeking.values() if now - at >= RESEEK_AFTER_S]
 
 
+@dataclass(slots=True)
+class Published:
+    """What the window stage needs of a message the normalizer just published: its folded
+    samples (:func:`~streams.windows.fold_message`) or, when it does not fold, its records."""
+
+    envelope_id: str
+    watermark_ms: int | None
+    samples: int
+    records: list[dict[str, Any]] | None  # None when folded
+    folded: FoldedMessage | None
+    ids_digests: list[int] | None  # the records' event-id digests, when known
+
+    @classmethod
+    def of(cls, envelope: dict[str, Any], ids_digests: list[int] | None,
+           config: WindowConfig) -> Published:
+        """Fold the envelope's records now, while they are fresh in memory: holding the
+        decoded records until the window stage takes them made every later decode slower
+        (python -m bench stream_compute --in-flight). Only with digests: without them the
+        window stage needs the event ids."""
+        records = envelope["records"]
+        folded = fold_message(config, records) if ids_digests is not None else None
+        return cls(envelope["envelope_id"], envelope["watermark_ms"], len(records),
+                   None if folded is not None else records, folded, ids_digests)
+
+
 class RecentlyEncoded:
     """What the normalizer just published, by exact bytes, so the window stage in the same
     worker (partitions are co-assigned) can skip decoding it, and hashing its event ids.
@@ -120,8 +148,7 @@ class RecentlyEncoded:
     decodes."""
 
     def __init__(self, max_records: int = 200_000) -> None:
-        # payload -> (decoded envelope, its records' event-id digests or None)
-        self._items: OrderedDict[bytes, tuple[dict[str, Any], list[int] | None]] = OrderedDict()
+        self._items: OrderedDict[bytes, Published] = OrderedDict()
         self._max_records = max_records
         self._records = 0
         self._taken = asyncio.Event()
@@ -138,26 +165,29 @@ class RecentlyEncoded:
         except TimeoutError:
             pass  # the window stage is elsewhere (another worker) or slow: evict instead
 
-    def put(self, payload: bytes, envelope: dict[str, Any], ids_digests: list[int] | None) -> None:
-        """Remember a published payload, its decoded form and (when known) the
-        :func:`~streams.dedup.digests` of its records' event ids."""
+    def put(self, payload: bytes, published: Published) -> None:
+        """Remember a published payload and what the window stage needs of it."""
         if payload in self._items:
             return
-        self._items[payload] = (envelope, ids_digests)
-        self._records += len(envelope["records"])
+        self._items[payload] = published
+        self._records += published.samples
         while self._records > self._max_records and self._items:
-            _, (old, _) = self._items.popitem(last=False)
-            self._records -= len(old["records"])
+            _, old = self._items.popitem(last=False)
+            self._records -= old.samples
 
-    def take(self, payload: bytes | None) -> tuple[dict[str, Any], list[int] | None] | None:
-        """(decoded form, event-id digests or None) of a payload published here, once;
-        None when unknown."""
+    def take(self, payload: bytes | None) -> Published | None:
+        """What was remembered of a payload published here, once; None when unknown."""
         hit = self._items.pop(payload, None) if payload else None
         if hit is not None:
-            self._records -= len(hit[0]["records"])
+            self._records -= hit.samples
             if self._records <= self._max_records // 2:
                 self._taken.set()
         return hit
+
+
+def _records_of(codec: Any, payload: bytes) -> list[Mapping[str, Any]]:
+    records: list[Mapping[str, Any]] = codec.decode(payload)["records"]
+    return records
 
 
 def _dead(ev: faust.EventT, stage: str, reason: str) -> bytes:
@@ -284,7 +314,7 @@ def install_agents(
                         # the common case: the input is already canonical, forward its bytes
                         # (with the producer's watermark inside); encoding costs as much as decoding
                         tenant = next(iter(tenants))
-                        recent.put(value, env, ds)
+                        recent.put(value, Published.of(env, ds, state.config))
                         pending.append(await send(topics.records, tenant.encode(), value))
                         continue
                     by_tenant: dict[str, list[dict[str, Any]]] = {}
@@ -298,7 +328,7 @@ def install_agents(
                             "records": recs,
                         }
                         out = env_codec.encode(out_env)
-                        recent.put(out, out_env, None)
+                        recent.put(out, Published.of(out_env, None, state.config))
                         pending.append(await send(topics.records, tenant.encode(), out))
                     if env["watermark_ms"] is not None:
                         # a producer's promise about its partition goes to the same partition
@@ -377,16 +407,26 @@ def install_agents(
                     try:
                         # this worker normalized it a moment ago: skip decoding it again
                         hit = recent.take(msg.value)
-                        env, ds = hit if hit is not None else (env_codec.decode(msg.value or b""), None)
+                        if hit is None:
+                            env = env_codec.decode(msg.value or b"")
+                            hit = Published(env["envelope_id"], env["watermark_ms"], len(env["records"]),
+                                            env["records"], None, None)
                     except CodecError as exc:
                         pending.append(await send(topics.dlq, None, _dead(ev, "windows", str(exc))))
                         state.held[part].append((msg.offset, 0, msg))
                         continue
-                    outcome = pw.add(msg.offset, env["records"], env["watermark_ms"], ids_digests=ds)
+                    if hit.folded is not None:
+                        # its records only when needed (duplicates, late samples): decode again
+                        outcome = pw.add_folded(
+                            msg.offset, hit.folded, partial(_records_of, env_codec, msg.value or b""),
+                            hit.watermark_ms, ids_digests=hit.ids_digests)
+                    else:
+                        outcome = pw.add(msg.offset, hit.records or [], hit.watermark_ms,
+                                         ids_digests=hit.ids_digests)
                     if outcome.late_counted and outcome.replayed:
                         log.info("windows: replay of %s[%d]@%d counted %d late samples (closed_wm "
                                  "%s then; envelope %s)", msg.topic, part, msg.offset,
-                                 outcome.late_counted, outcome.decided_with, env.get("envelope_id"))
+                                 outcome.late_counted, outcome.decided_with, hit.envelope_id)
                     if outcome.late:
                         log.info("windows: %d late samples in %s[%d]@%d (closed_wm %s, replay %s, "
                                  "last %s)", len(outcome.late), msg.topic, part, msg.offset,
