@@ -128,6 +128,10 @@ class Settings(BaseSettings):
         unknown = set(v) - set(DEFAULT_SCORE_WEIGHTS)
         if unknown:
             raise ValueError(f"unknown score terms {sorted(unknown)}; known: cpu_seconds, memory_gb, disk_mb")
+        negative = {term: str(w) for term, w in v.items() if w < 0}
+        if negative:
+            # a negative weight makes a score fall as usage grows: a bill that pays the tenant
+            raise ValueError(f"negative weights {negative}; a weight is 0 or more")
         return {**DEFAULT_SCORE_WEIGHTS, **v}
 
     @field_validator("metric_aggregations")

@@ -156,6 +156,7 @@ WRONG = [
     ("score_weights", '{"cpu": 1}', "unknown score terms ['cpu']"),
     ("score_weights", '{"cpu_seconds": "abc"}', "valid decimal"),
     ("score_weights", '{"cpu_seconds": "NaN"}', "finite"),
+    ("score_weights", '{"disk_mb": "-0.5"}', "negative weights {'disk_mb': '-0.5'}"),
     ("metric_aggregations", '{"api_calls": "avg"}', "unknown aggregations"),
     ("window_sizes_seconds", "[]", "non-empty list of positive seconds"),
     ("window_sizes_seconds", "[0]", "non-empty list of positive seconds"),
