@@ -985,7 +985,16 @@ class VmGateway:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        await asyncio.get_running_loop().run_in_executor(None, self._pub.stop_polling, 5.0)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._pub.stop_polling, 5.0)
+        # what Kafka did not take within the flush is given up (its requests were answered
+        # 503, or were cut off by the stop: the clients retry with the same event ids); left
+        # queued, librdkafka would go on retrying it for up to message.timeout.ms (5 min)
+        # after the gateway is gone
+        given_up = await loop.run_in_executor(None, self._pub.abandon)
+        if given_up:
+            log.warning("vm-ingest: stopped with %d envelopes unacknowledged by Kafka; given up "
+                        "(their requests were not answered 200)", given_up)
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set (or SIGINT/SIGTERM when it is None)."""

@@ -363,11 +363,10 @@ def test_a_broker_killed_while_a_request_waits_for_its_ack_gets_503_never_200(tm
         s = load_settings(kafka_bootstrap_servers=broker.bootstrap_servers, topic_prefix="kill.",
                           topic_partitions=2)
         ensure_topics(s, broker.bootstrap_servers)
-        # librdkafka's own delivery timeout (default 300 s), kept longer than ack_timeout so the
-        # answer comes from the gateway's wait; it lets the gateway's stop() (a 5 s flush) see
-        # the undeliverable envelope fail, which releases the producer and its threads
-        gw = VmGateway(broker.bootstrap_servers, s.topic("usage.vm"), ack_timeout=ack_timeout,
-                       publisher_config={"message.timeout.ms": 4000}).start()
+        # librdkafka's own delivery timeout stays at its default (300 s): the answer comes
+        # from the gateway's wait, and stop() gives up the undeliverable envelope after its
+        # 5 s flush instead of leaving librdkafka retrying it
+        gw = VmGateway(broker.bootstrap_servers, s.topic("usage.vm"), ack_timeout=ack_timeout).start()
         t0 = now_s()
         r = post(gw, "NotifyVmStarted", {"vmId": "vm-k", "customerId": "cust-k", "startTime": str(t0)})
         assert r.status_code == 200, r.text
