@@ -143,7 +143,8 @@ class Published:
 
 class RecentlyEncoded:
     """What the normalizer just published, by exact bytes, so the window stage in the same
-    worker (partitions are co-assigned) can skip decoding it, and hashing its event ids.
+    worker (partitions are co-assigned) can skip decoding it, hashing its event ids and
+    folding it.
     Keyed by the whole payload, so a hit is the very same message; bounded, so a miss just
     decodes."""
 
