@@ -239,7 +239,7 @@ class PartitionWindows:
         ids: EventIdFilter | None = None,
     ) -> None:
         self.config = config
-        self._grain = math.gcd(*config.sizes_ms)
+        self._grain = config.grain_ms
         self.ids = ids  # drops copies of records already counted, across windows and restarts
         self.open: dict[tuple[int, str, int], _Window] = {}  # (size, tenant, start)
         self.max_event_ms: int | None = None
