@@ -104,11 +104,7 @@ def stage_compute(data: list[tuple[int, bytes]], in_flight: int = 0) -> int:
 
     def window(part: int, payload: bytes, pub: Published) -> int:
         pw = windows[part]
-        if pub.folded is not None:
-            pw.add_folded(offsets[part], pub.folded, lambda: decode(payload)["records"],
-                          pub.watermark_ms, ids_digests=pub.ids_digests)
-        else:
-            pw.add(offsets[part], pub.records or [], pub.watermark_ms, ids_digests=pub.ids_digests)
+        pub.add_to(pw, offsets[part], lambda: decode(payload)["records"])
         offsets[part] += 1
         return sum(r["sample_count"] for r in pw.close_due()
                    if r["window_end_ms"] - r["window_start_ms"] == smallest)
@@ -121,7 +117,7 @@ def stage_compute(data: list[tuple[int, bytes]], in_flight: int = 0) -> int:
             raise AssertionError(f"the simulator made invalid records: {bad[:3]}")
         # the normalizer hashes the ids once; the window stage gets its digests (a hit in
         # the cache of what was just published)
-        ds: list[int] | None = digests([r["event_id"] for r in records])
+        ds = digests([r["event_id"] for r in records])
         flags = source_ids[part].fresh(None, env["sent_at_ms"], ids_digests=ds)
         if flags is not None:
             raise AssertionError("the simulator repeated an event id")

@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from operator import itemgetter
@@ -35,7 +35,7 @@ from streams.normalize import invalid_records
 from streams.offsets import RESEEK_AFTER_S, OffsetGuard, Verdict
 from streams.tables import StreamTables
 from streams.topics import StreamTopics
-from streams.windows import FoldedMessage, PartitionWindows, WindowConfig, fold_message
+from streams.windows import FoldedMessage, MessageOutcome, PartitionWindows, WindowConfig, fold_message
 
 __all__ = [
     "Published", "RecentlyEncoded", "WindowState", "install_agents", "window_config", "window_ids_horizon",
@@ -139,6 +139,15 @@ class Published:
         folded = fold_message(config, records) if ids_digests is not None else None
         return cls(envelope["envelope_id"], envelope["watermark_ms"], len(records),
                    None if folded is not None else records, folded, ids_digests)
+
+    def add_to(self, windows: PartitionWindows, offset: int,
+               load: Callable[[], list[Mapping[str, Any]]]) -> MessageOutcome:
+        """Count this message in ``windows`` at input ``offset``. ``load()`` decodes its
+        records again; it is called only when a folded message's records are needed."""
+        if self.folded is not None:
+            return windows.add_folded(offset, self.folded, load, self.watermark_ms,
+                                      ids_digests=self.ids_digests)
+        return windows.add(offset, self.records or [], self.watermark_ms, ids_digests=self.ids_digests)
 
 
 class RecentlyEncoded:
@@ -409,21 +418,12 @@ def install_agents(
                         # this worker normalized it a moment ago: skip decoding it again
                         hit = recent.take(msg.value)
                         if hit is None:
-                            env = env_codec.decode(msg.value or b"")
-                            hit = Published(env["envelope_id"], env["watermark_ms"], len(env["records"]),
-                                            env["records"], None, None)
+                            hit = Published.of(env_codec.decode(msg.value or b""), None, state.config)
                     except CodecError as exc:
                         pending.append(await send(topics.dlq, None, _dead(ev, "windows", str(exc))))
                         state.held[part].append((msg.offset, 0, msg))
                         continue
-                    if hit.folded is not None:
-                        # its records only when needed (duplicates, late samples): decode again
-                        outcome = pw.add_folded(
-                            msg.offset, hit.folded, partial(_records_of, env_codec, msg.value or b""),
-                            hit.watermark_ms, ids_digests=hit.ids_digests)
-                    else:
-                        outcome = pw.add(msg.offset, hit.records or [], hit.watermark_ms,
-                                         ids_digests=hit.ids_digests)
+                    outcome = hit.add_to(pw, msg.offset, partial(_records_of, env_codec, msg.value or b""))
                     if outcome.late_counted and outcome.replayed:
                         log.info("windows: replay of %s[%d]@%d counted %d late samples (closed_wm "
                                  "%s then; envelope %s)", msg.topic, part, msg.offset,
