@@ -83,14 +83,16 @@ class _Model:
                         if v[0] + self.bucket_ms > newest - self.horizon_ms}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(
     st.lists(st.sampled_from([f"e{i}" for i in range(30)]), max_size=12),
     st.integers(0, 6 * H), st.integers(0, 20 * 60_000), st.integers(-1, 8), st.booleans(),
-    st.sampled_from(["none", "expire", "reload"]), st.booleans(),
-), max_size=25))
-def test_fresh_matches_checking_each_id_in_order(ops: list[Any]) -> None:
-    f = EventIdFilter(horizon_ms=2 * H, bucket_ms=H)
+    st.sampled_from(["none", "expire", "reload", "compact"]), st.booleans(),
+), max_size=25), st.sampled_from([None, 0, 3]))
+def test_fresh_matches_checking_each_id_in_order(ops: list[Any], compact_at: int | None) -> None:
+    # compact_at 0 moves every bucket but the newest to the compact store at each expire and
+    # load, 3 once a few ids are there, None never: the filter must mean the same either way
+    f = EventIdFilter(horizon_ms=2 * H, bucket_ms=H, compact_at=compact_at)
     model = _Model(2 * H, H)
     saved: dict[str, Any] = {}
     for n, (ids, at, spread, offset, per_id_times, then, hashed) in enumerate(ops):
@@ -106,8 +108,11 @@ def test_fresh_matches_checking_each_id_in_order(ops: list[Any]) -> None:
             forget(f.expire(), saved)
             model.expire()
             assert len(f) == len(model.ids)
+        elif then == "compact":
+            f.compact()
+            assert len(f) == len(model.ids)
         elif then == "reload":  # a restart: a new filter from what was saved
-            f = EventIdFilter(horizon_ms=2 * H, bucket_ms=H)
+            f = EventIdFilter(horizon_ms=2 * H, bucket_ms=H, compact_at=compact_at)
             for _key, bucket, saved_digests, offsets in saved_entries(saved, "p0:"):
                 f.load(bucket, saved_digests, offsets)
             assert len(f) == len(model.ids)
@@ -117,3 +122,56 @@ def forget(buckets: list[int], saved: dict[str, Any]) -> None:
     """Delete expired buckets' table entries, as TableBackedFilters.save does."""
     for key in [k for k, v in saved.items() if v["bucket"] in buckets]:
         del saved[key]
+
+
+def test_compacted_ids_are_still_known_and_expire_with_their_bucket() -> None:
+    f = EventIdFilter(horizon_ms=2 * H, bucket_ms=H, compact_at=5)
+    for i in range(10):
+        assert f.check_and_add(f"old{i}", 0)
+    assert f.check_and_add("new", 2 * H)
+    assert f.expire() == []  # nothing beyond the horizon yet, but bucket 0 is compacted
+    assert f.compacted == 10 and len(f) == 11
+    assert not f.check_and_add("old3", 2 * H)
+    assert f.fresh(["x", "old7", "y"], 2 * H) == [True, False, True]
+    assert f.check_and_add("later", 4 * H)
+    assert f.expire() == [0]
+    # bucket 0 is gone from the compact store; bucket 2 * H ("new", "x", "y") stays in the
+    # set: fewer than compact_at ids
+    assert f.compacted == 0 and len(f) == 4
+    assert f.check_and_add("old3", 4 * H)  # beyond the horizon: new again
+
+
+def test_load_moves_a_compacted_id_to_the_newer_bucket() -> None:
+    f = EventIdFilter(horizon_ms=2 * H, bucket_ms=H, compact_at=0)
+    f.load(0, digests(["a", "b"]))
+    f.load(H, digests(["c"]))  # compacts bucket 0
+    assert f.compacted == 2
+    f.load(2 * H, digests(["a"]))  # saved again later: kept for the later bucket's horizon
+    f.load(3 * H, [])
+    f.check_and_add("z", 3 * H)
+    assert 0 in f.expire()
+    assert not f.check_and_add("a", 3 * H)
+    assert f.check_and_add("b", 3 * H)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 2**64 - 1), unique=True, max_size=3000),
+       st.lists(st.integers(0, 2**64 - 1), max_size=50), st.integers(0, 2**20))
+def test_compact_store_finds_exactly_its_ids(held: list[int], others: list[int], seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    from streams.dedup import _ColdIds
+
+    cold = _ColdIds()
+    rng = random.Random(seed)
+    rng.shuffle(held)
+    half = len(held) // 2
+    for part in (held[:half], held[half:]):  # added in two goes, as buckets are
+        cold.add(np.asarray(part, dtype=np.uint64), np.zeros(len(part), dtype=np.int64))
+    queries = held[: 3 * len(others) + 1] + others + [0, 2**64 - 1]
+    at = cold.positions(queries)
+    members = set(held)
+    assert [p >= 0 for p in at.tolist()] == [q in members for q in queries]
+    assert all(int(cold.ids[p]) == q for p, q in zip(at.tolist(), queries, strict=True) if p >= 0)
