@@ -55,7 +55,7 @@ class _ColdIds:
     an id where a Python set and its bucket lists take about 70.
 
     Looked up one message at a time: digests are uniform hashes, so a fence on their top bits
-    narrows each lookup to about 64 neighbours, then a binary search runs for all the
+    narrows each lookup to about 8 neighbours, then a binary search runs for all the
     message's ids at once; each id costs a few cache lines near its place, as in a set.
     """
 
@@ -66,43 +66,64 @@ class _ColdIds:
         self._fence = np.zeros(2, dtype=np.int64)
         self._shift = np.uint64(0)
         self._bits = 0
-        self._steps = 0
+        self._steps: list[int] = []  # the halving steps of a lookup, largest first
+        self._marks = np.zeros(1, dtype=np.uint8)  # a bit per top-bits prefix held
+        self._mark_shift = np.uint64(63)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def _reindex(self) -> None:
         n = len(self.ids)
-        self._bits = bits = min(24, max(0, (n // 64).bit_length() - 1))
+        # about 8 ids a fence slot: a lookup then takes 4 to 5 halving steps, and the fence
+        # costs half a byte to a byte an id
+        self._bits = bits = min(28, max(0, (n // 8).bit_length() - 1))
         if bits:
             self._shift = np.uint64(64 - bits)
             starts = np.arange(1 << bits, dtype=np.uint64) << self._shift
-            self._fence = np.append(np.searchsorted(self.ids, starts), n).astype(np.int64)
+            dtype = np.int32 if n < 2**31 else np.int64
+            self._fence = np.append(np.searchsorted(self.ids, starts), n).astype(dtype)
         else:
             self._fence = np.array([0, n], dtype=np.int64)
-        self._steps = int(np.diff(self._fence).max()).bit_length() if n else 0
+        # 4 to 8 bits an id: most ids not held fall on an unmarked prefix and need no search
+        mark_bits = max(3, (8 * n).bit_length() - 1)
+        self._mark_shift = np.uint64(64 - mark_bits)
+        marked = np.zeros(1 << mark_bits, dtype=bool)
+        marked[self.ids >> self._mark_shift] = True
+        self._marks = np.packbits(marked, bitorder="little")
+        widest = int(np.diff(self._fence).max()) if n else 0
+        self._steps = [1 << k for k in reversed(range(widest.bit_length()))]
         self.oldest = int(self.buckets.min()) if n else None
 
     def positions(self, digests: Sequence[int] | np.ndarray) -> np.ndarray:
         """Where each digest is in ``ids``, -1 where it is not."""
         q = np.asarray(digests, dtype=np.uint64)
         n = len(self.ids)
+        out = np.full(len(q), -1, dtype=np.int64)
         if not n or not len(q):
-            return np.full(len(q), -1, dtype=np.int64)
+            return out
+        mark = q >> self._mark_shift
+        bit = (mark & np.uint64(7)).astype(np.uint8)
+        maybe = np.flatnonzero((self._marks[mark >> np.uint64(3)] >> bit) & 1)
+        if not len(maybe):
+            return out
+        q = q[maybe]
         if self._bits:
-            top = (q >> self._shift).astype(np.int64)
-            lo, hi = self._fence[top], self._fence[top + 1]
+            top = q >> self._shift
+            lo, hi = self._fence[top].astype(np.int64), self._fence[top + 1].astype(np.int64)
         else:
             lo, hi = np.zeros(len(q), dtype=np.int64), np.full(len(q), n, dtype=np.int64)
         ids, last = self.ids, n - 1
-        for _ in range(self._steps):  # lo: the first place whose digest is >= q, once lo == hi
-            active = lo < hi
-            mid = (lo + hi) >> 1
-            right = active & (ids[np.minimum(mid, last)] < q)
-            lo = np.where(right, mid + 1, lo)
-            hi = np.where(active & ~right, mid, hi)
-        found = (lo < n) & (ids[np.minimum(lo, last)] == q)
-        return np.where(found, lo, -1)
+        # below: the last place in [lo, hi) whose digest is < q (lo - 1: none); the step sizes
+        # add up to the widest slot, so it is found in every slot
+        below = lo - 1
+        for step in self._steps:
+            probe = below + step
+            below = np.where((probe < hi) & (ids[np.minimum(probe, last)] < q), probe, below)
+        at = below + 1
+        found = (at < hi) & (ids[np.minimum(at, last)] == q)
+        out[maybe] = np.where(found, at, -1)
+        return out
 
     def add(self, digests: np.ndarray, buckets: np.ndarray) -> None:
         """Add digests not held yet, each with its bucket."""

@@ -175,3 +175,25 @@ def test_compact_store_finds_exactly_its_ids(held: list[int], others: list[int],
     members = set(held)
     assert [p >= 0 for p in at.tolist()] == [q in members for q in queries]
     assert all(int(cold.ids[p]) == q for p, q in zip(at.tolist(), queries, strict=True) if p >= 0)
+
+
+def test_table_entries_of_a_compacted_bucket_are_deleted_when_it_expires() -> None:
+    from streams.dedup import TableBackedFilters
+
+    data: dict[str, Any] = {}
+    sent: list[tuple[int, str, Any]] = []
+    filters = TableBackedFilters(data, lambda p, k, v: sent.append((p, k, v)), "p",
+                                 horizon_ms=2 * H, bucket_ms=H, compact_at=0)
+    f = filters.get(0)
+    f.fresh(["a", "b"], 0)
+    filters.save(0, 10)
+    f.fresh(["c"], H)
+    filters.save(0, 11)  # bucket 0 is compacted now
+    assert f.compacted == 2
+    restored = TableBackedFilters(dict(data), lambda p, k, v: None, "p", 2 * H, H, compact_at=0).get(0)
+    assert len(restored) == 3 and restored.fresh(["a", "z"], H) == [False, True]
+    f.fresh(["d"], 4 * H)
+    filters.save(0, 12)  # bucket 0 expires out of the compact store: its entries go
+    assert not [k for k in data if k.startswith("p0:0:")]
+    assert ("p0:0:10:0" in {k for _, k, v in sent if v is None})
+    assert f.fresh(["a"], 4 * H) is None  # new again
