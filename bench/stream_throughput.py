@@ -655,6 +655,7 @@ def run_benchmark(
     try:
         rounds_out: list[dict[str, Any]] = []
         conf: dict[str, Any] = {}
+        profile_out = wd / "worker.pyspy.txt"  # the first round's, when profiling
         for i in range(rounds):
             # each round fills topics of its own: the worker reads its source from the start and
             # the output watcher sums everything on its output topics
@@ -676,10 +677,10 @@ def run_benchmark(
                 conf = raw_confluent(bootstrap, source)
                 print(f"raw confluent-kafka:   {conf['samples_per_s']:,.0f} samples/s", flush=True)
 
-            profile_out = wd / "worker.pyspy.txt" if profile and i == 0 else None
             stage_timeout = max(180.0, samples / 2_000)
             broker_proc = getattr(broker, "_proc", None)
-            stage = stream_stage(settings, round_dir, fill["samples"], stage_timeout, profile_out,
+            stage = stream_stage(settings, round_dir, fill["samples"], stage_timeout,
+                                 profile_out if profile and i == 0 else None,
                                  broker_pid=broker_proc.pid if broker_proc is not None else None,
                                  workers=workers)
             print(f"stream stage:          {stage['samples_per_s']:,.0f} samples/s "
@@ -752,7 +753,6 @@ def run_benchmark(
                 "stage_at_least_30x_naive": ratios["stage_over_naive"] >= GOAL_NAIVE_FACTOR,
             },
         }
-        profile_out = wd / "worker.pyspy.txt"
         if profile and profile_out.exists():
             report["profile"] = summarize_profile(profile_out)
             report["profile"]["raw_file"] = str(profile_out)
