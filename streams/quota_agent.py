@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +49,7 @@ from streams.quotas import (
     parse_thresholds,
 )
 from streams.topics import StreamTopics
+from streams.transport import read_to_end
 
 __all__ = [
     "LIMITS_TOPIC",
@@ -120,32 +120,10 @@ def _dead(ev: Any, reason: str) -> bytes:
 async def _read_partition(
     bootstrap: list[str], topic: str, partition: int, start: int
 ) -> tuple[list[Any], int]:
-    """Every message of one topic partition from ``start`` to its end, and the next offset.
-
-    Tansu answers ListOffsets(latest) with the last batch's base offset + 1, so reading goes
-    on until that offset is passed *and* a poll comes back empty (the rest of the batch).
-    """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        tp = TopicPartition(topic, partition)
-        consumer.assign([tp])
-        consumer.seek(tp, max(start, 0))
-        end = (await consumer.end_offsets([tp]))[tp]
-        out: list[Any] = []
-        deadline = time.monotonic() + _READ_TIMEOUT_S
-        while True:
-            batch = await consumer.getmany(tp, timeout_ms=200)
-            msgs = batch.get(tp, [])
-            out.extend(msgs)
-            pos = await consumer.position(tp)
-            if pos >= end and not msgs:
-                return out, pos
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic}[{partition}] stalled at {pos} before {end}")
-    finally:
-        await consumer.stop()
+    """Every message of one topic partition from ``start`` to its end, and the next offset."""
+    tp = TopicPartition(topic, partition)
+    msgs, ends = await read_to_end(bootstrap, {tp: start}, timeout_s=_READ_TIMEOUT_S)
+    return msgs[tp], ends[tp]
 
 
 def install_quota_agent(
