@@ -130,6 +130,7 @@ class BatchingSink(ABC):
         }
         conf.update(consumer_config or {})
         self.consumer = Consumer(conf)
+        self._clients_closed = False
         self._dlq_producer = Producer(
             {"bootstrap.servers": bootstrap_servers, "acks": "all", "enable.idempotence": True,
              "log_level": 4}
@@ -149,7 +150,8 @@ class BatchingSink(ABC):
         """Side effects that must only happen once the batches are persisted and committed."""
 
     def close(self) -> None:
-        """Release the sink's own resources (connections); the consumer is closed by run()."""
+        """Release the sink's own resources (connections); the Kafka clients are closed by
+        run(), or by :meth:`close_clients` for a sink that never ran."""
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -193,12 +195,22 @@ class BatchingSink(ABC):
             if self._retry_at is None:
                 self._flush()
         finally:
-            self.consumer.close()
-            self._dlq_producer.flush(10)
-            # released now, not when the sink object is collected: a client kept alive past
-            # its broker logs a reconnect failure every second
-            self._dlq_producer.close()
+            self.close_clients()
             self.close()
+
+    def close_clients(self) -> None:
+        """Leave the group and close the Kafka consumer and the dead-letter producer (after
+        a flush); :meth:`run` does this when it returns. Safe to call more than once.
+
+        Released now, not when the sink object is collected: a client kept alive past its
+        broker logs a reconnect failure every second.
+        """
+        if self._clients_closed:
+            return
+        self._clients_closed = True
+        self.consumer.close()
+        self._dlq_producer.flush(10)
+        self._dlq_producer.close()
 
     def _due(self) -> bool:
         if not self._pending and not self._dead:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from metering.config import Settings
@@ -110,3 +111,14 @@ def test_undecodable_input_becomes_a_dead_letter(settings: Settings) -> None:
     dead = dead_letter_codec().decode(found[0].value())
     assert (dead["source_offset"], dead["stage"]) == (1, "list-sink")
     assert "unknown wire format" in dead["reason"] and dead["payload"] == b"\x07not avro"
+
+
+def test_a_sink_that_never_ran_releases_its_kafka_clients(settings: Settings) -> None:
+    sink = make(settings, [])
+    sink.close_clients()
+    sink.close_clients()  # twice is harmless
+    # closed now, not when the object is collected (a live client logs reconnects forever)
+    with pytest.raises(RuntimeError, match="Consumer closed"):
+        sink.consumer.poll(0)
+    with pytest.raises(RuntimeError, match="closed"):
+        sink._dlq_producer.produce(sink.dlq_topic, b"x")

@@ -679,8 +679,7 @@ def test_delivery_records_are_stored_once_beside_dead_letters_across_a_restart(
         assert probe.resume_offsets([(deliveries, 0), (deliveries, 1), (dlq, 0), (dlq, 1)]) == {
             (deliveries, 0): 3, (dlq, 0): 1}
     finally:
-        probe.consumer.close()
-        probe._dlq_producer.close()  # never run(): released here, not when collected
+        probe.close_clients()
         probe.close()
 
     # more of both: usage.dlq's offsets 1 and 2 lie below webhook.deliveries' stored 2; and a
@@ -740,8 +739,7 @@ def test_dead_lettered_reports_are_stored_from_their_records_under_the_ids_sent(
             webhook.write(batch)  # write() only: no group to join
         finally:
             webhook.close()
-            webhook.consumer.close()
-            webhook._dlq_producer.flush(10)
+            webhook.close_clients()
         posts = receiver.posts_by_id()
     assert (webhook.delivered, webhook.dead_lettered, webhook.delivery_records) == (0, 3, 3)
     ids = [webhook_id(w["window_id"], "report:billing_score") for w in windows]
@@ -894,7 +892,7 @@ def test_write_skips_what_is_stored_when_a_batch_comes_again(
         ) == [(20, 20)]
         assert sink.resume_offsets([(topic, 0)]) == {(topic, 0): 5}
     finally:
-        sink.consumer.close()
+        sink.close_clients()
 
 
 def test_write_survives_a_server_outage_without_duplicates(
@@ -918,6 +916,6 @@ def test_write_survives_a_server_outage_without_duplicates(
             "SELECT uniqExact(kafka_offset, kafka_index), count() FROM usage_records"
         ) == [(16, 16)]
     finally:
-        sink.consumer.close()
+        sink.close_clients()
         backend.close()
         server.cleanup()

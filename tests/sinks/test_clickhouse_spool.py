@@ -443,7 +443,7 @@ def test_clickhouse_error_codes_stay_out_of_the_spool(
             sink.write(Batch(sink.records_topic, 0, [SinkRecord(sink.records_topic, 0, 0, None, bad, 0)]))
         assert sink.spool is not None and sink.spool.partitions() == []
     finally:
-        sink.consumer.close()
+        sink.close_clients()
         sink.close()
 
 
@@ -454,9 +454,9 @@ def test_spool_directory_is_per_consumer_group(tmp_path: Path, settings: Setting
         with pytest.raises(ConfigError, match="in use"):
             _sink(settings, private_server.url, tmp_path, "group/one")
         two = _sink(settings, private_server.url, tmp_path, "group-two")
-        two.consumer.close()
+        two.close_clients()
         two.close()
     finally:
-        one.consumer.close()
+        one.close_clients()
         one.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["group-two", "group_one"]

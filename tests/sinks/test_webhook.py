@@ -223,8 +223,7 @@ def _standalone(sink: WebhookSink) -> Iterator[WebhookSink]:
         yield sink
     finally:
         sink.close()
-        sink.consumer.close()
-        sink._dlq_producer.flush(10)
+        sink.close_clients()
 
 
 def _batch(settings: Settings, windows: Sequence[dict[str, Any]]) -> Batch:
