@@ -314,23 +314,21 @@ async def _follow_limits(rt: QuotaRuntime) -> None:
                 await asyncio.sleep(5.0)
                 continue
             tps = [TopicPartition(name, p) for p in sorted(parts)]
+            # load: the whole topic up to its real end (see read_to_end), then follow from there
+            loaded, ends = await read_to_end(rt.bootstrap_servers, {tp: 0 for tp in tps},
+                                             timeout_s=_READ_TIMEOUT_S)
+            for tp in tps:
+                _apply_limits(rt, loaded[tp])
+            if not rt.limits_ready.is_set():
+                log.info("quota: limits loaded: %d in force", len(rt.limits.effective()))
+                rt.limits_ready.set()
             consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            end = await consumer.end_offsets(tps)
+            for tp in tps:
+                consumer.seek(tp, ends[tp])
             while True:
                 batch = await consumer.getmany(timeout_ms=500)
                 for msgs in batch.values():
-                    for m in msgs:
-                        why = apply_limit_message(rt.limits, m.key, m.value)
-                        if why is not None:
-                            log.warning("quota: ignoring %s[%d]@%d: %s", name, m.partition, m.offset, why)
-                        else:
-                            log.info("quota: limit %s %s", m.key, "removed" if m.value is None else "set")
-                if not rt.limits_ready.is_set() and not batch:
-                    positions = [await consumer.position(tp) for tp in tps]
-                    if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
-                        log.info("quota: limits loaded: %d in force", len(rt.limits.effective()))
-                        rt.limits_ready.set()
+                    _apply_limits(rt, msgs)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -338,6 +336,15 @@ async def _follow_limits(rt: QuotaRuntime) -> None:
             await asyncio.sleep(2.0)
         finally:
             await consumer.stop()
+
+
+def _apply_limits(rt: QuotaRuntime, msgs: Iterable[Any]) -> None:
+    for m in msgs:
+        why = apply_limit_message(rt.limits, m.key, m.value)
+        if why is not None:
+            log.warning("quota: ignoring %s[%d]@%d: %s", m.topic, m.partition, m.offset, why)
+        else:
+            log.info("quota: limit %s %s", m.key, "removed" if m.value is None else "set")
 
 
 async def _dead_letter_all(topics: StreamTopics, events: Any) -> None:
