@@ -841,6 +841,8 @@ class MeteringClient:
         self._stop.set()
         self._thread.join(timeout + 10)
         self._fail_remaining()  # never even produced: failed too, never a silent drop
+        self._pub.abandon()  # produced, not acknowledged within the flush: failed, counted once
+        self._pub.close()
         with self._lock:
             self._closed = True
         lost = self._total("failed") - failed_before

@@ -79,6 +79,7 @@ class EnvelopePublisher:
         }
         conf.update(config or {})
         self._producer = Producer(conf)
+        self._closed = False
         self._codec = envelope_codec()
         self._errors: list[str] = []
 
@@ -127,6 +128,8 @@ class EnvelopePublisher:
             self.topic, payload, key=tenant.encode(), on_delivery=self._on_delivery))
 
     def _call(self, fn: Any) -> None:
+        if self._closed:
+            raise PublishError(f"the publisher to {self.topic} is closed")
         while True:
             try:
                 fn()
@@ -145,6 +148,14 @@ class EnvelopePublisher:
         if self._errors:
             errors, self._errors = self._errors, []
             raise PublishError(f"{len(errors)} envelopes rejected: {errors[0]}")
+
+    def close(self) -> None:
+        """Release the Kafka producer (its connections and threads) now, not when the object
+        is collected: a producer kept past its broker logs a reconnect failure every second.
+        :meth:`flush` first; nothing can be sent afterwards. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._producer.close()
 
     def partitions(self, timeout: float = 10.0) -> list[int]:
         """The partition ids of the target topic."""
