@@ -30,6 +30,7 @@ from metering.config import Settings
 from schemas import CodecError, encode_dead_letter, envelope_codec, window_codec
 from schemas.codec import SINGLE_OBJECT_MAGIC
 from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS
+from streams.columns import Columns
 from streams.dedup import EventIdFilter, TableBackedFilters, digests
 from streams.normalize import invalid_records
 from streams.offsets import RESEEK_AFTER_S, OffsetGuard, Verdict
@@ -130,13 +131,13 @@ class Published:
 
     @classmethod
     def of(cls, envelope: dict[str, Any], ids_digests: list[int] | None,
-           config: WindowConfig) -> Published:
+           config: WindowConfig, columns: Columns | None = None) -> Published:
         """Fold the envelope's records now, while they are fresh in memory: holding the
         decoded records until the window stage takes them made every later decode slower
         (python -m bench stream_compute --in-flight). Only with digests: without them the
-        window stage needs the event ids."""
+        window stage needs the event ids. ``columns``: the records' columns, when known."""
         records = envelope["records"]
-        folded = fold_message(config, records) if ids_digests is not None else None
+        folded = fold_message(config, records, columns) if ids_digests is not None else None
         return cls(envelope["envelope_id"], envelope["watermark_ms"], len(records),
                    None if folded is not None else records, folded, ids_digests)
 
@@ -265,6 +266,76 @@ def install_agents(
     def id_filter(part: int) -> EventIdFilter | None:
         return source_ids.get(part) if settings.dedup_horizon_seconds else None
 
+    async def normalize_one(ev: Any, msg: Any, part: int, pending: list[Awaitable[Any]]) -> None:
+        # one source message; a function of its own so that its decoded records are freed
+        # before the next message is decoded (decoding into memory just freed is faster,
+        # see docs/ARCHITECTURE.md)
+        try:
+            env = env_codec.decode(msg.value or b"")
+        except CodecError as exc:
+            pending.append(await send(topics.dlq, None, _dead(ev, "normalize", str(exc))))
+            return
+        ids = id_filter(part)
+        sent_at = env["sent_at_ms"]
+        records = env["records"]
+        # every field read once, for validation, hashing, the tenant check and folding
+        cols: Columns | None = Columns.of(records)
+        dropped = 0
+        bad = invalid_records(records, sent_at, cols)
+        if bad:
+            dropped += len(bad)
+            for i, reason in bad:
+                pending.append(await send(topics.dlq, None, _dead(
+                    ev, "normalize",
+                    f"record {i} ({records[i].get('event_id')}): {reason}")))
+            skip = {i for i, _ in bad}
+            records = [r for i, r in enumerate(records) if i not in skip]
+            cols = Columns.of(records)
+        ds: list[int] | None = None  # the records' id digests, for the window stage too
+        if ids is not None:
+            ds = digests(cols.event_ids if cols is not None else map(_EVENT_ID, records))
+            flags = ids.fresh(None, sent_at, ids_digests=ds)
+            if flags is not None:
+                repeated = flags.count(False)
+                dropped += repeated
+                stats.duplicates_dropped += repeated
+                records = [r for r, new in zip(records, flags, strict=True) if new]
+                ds, cols = None, None  # no longer the records'
+        tenants = set(cols.tenants) if cols is not None else set(map(_TENANT, records))
+        # one output per input message and tenant, in input order: the window
+        # stage's lateness depends on message order, so normalizing a backlog
+        # must not reorder what the live run would have seen
+        value = msg.value or b""
+        if not dropped and len(tenants) == 1 and value[:2] == SINGLE_OBJECT_MAGIC:
+            # the common case: the input is already canonical, forward its bytes
+            # (with the producer's watermark inside); encoding costs as much as decoding
+            tenant = next(iter(tenants))
+            recent.put(value, Published.of(env, ds, state.config, cols))
+            pending.append(await send(topics.records, tenant.encode(), value))
+            return
+        by_tenant: dict[str, list[dict[str, Any]]] = {}
+        for rec in records:
+            by_tenant.setdefault(rec["tenant_id"], []).append(rec)
+        origin = f"{msg.topic}:{part}"
+        for tenant, recs in by_tenant.items():
+            out_env = {
+                "envelope_id": f"{origin}:{msg.offset}:{tenant}", "source": env["source"],
+                "producer": origin, "sent_at_ms": sent_at, "watermark_ms": None,
+                "records": recs,
+            }
+            out = env_codec.encode(out_env)
+            recent.put(out, Published.of(out_env, None, state.config))
+            pending.append(await send(topics.records, tenant.encode(), out))
+        if env["watermark_ms"] is not None:
+            # a producer's promise about its partition goes to the same partition
+            # number of usage.records (tenant keys hash alike on both)
+            mark = env_codec.encode({
+                "envelope_id": f"{origin}:{msg.offset}:watermark", "source": env["source"],
+                "producer": origin, "sent_at_ms": sent_at,
+                "watermark_ms": env["watermark_ms"], "records": [],
+            })
+            pending.append(await topics.records.send(value=mark, partition=part))
+
     @app.agent(topics.sources, name="normalize")
     async def normalize(stream: Any) -> None:  # faust.Stream: StreamT lacks take_events
         # fewer messages per batch than the window stage: source envelopes carry hundreds of
@@ -289,68 +360,7 @@ def install_agents(
                     source_offsets.processed((msg.topic, part), msg.offset)
                     done.append(msg)
                     touched.setdefault(part, msg.offset)
-                    try:
-                        env = env_codec.decode(msg.value or b"")
-                    except CodecError as exc:
-                        pending.append(await send(topics.dlq, None, _dead(ev, "normalize", str(exc))))
-                        continue
-                    ids = id_filter(part)
-                    sent_at = env["sent_at_ms"]
-                    records = env["records"]
-                    dropped = 0
-                    bad = invalid_records(records, sent_at)
-                    if bad:
-                        dropped += len(bad)
-                        for i, reason in bad:
-                            pending.append(await send(topics.dlq, None, _dead(
-                                ev, "normalize",
-                                f"record {i} ({records[i].get('event_id')}): {reason}")))
-                        skip = {i for i, _ in bad}
-                        records = [r for i, r in enumerate(records) if i not in skip]
-                    ds: list[int] | None = None  # the records' id digests, for the window stage too
-                    if ids is not None:
-                        ds = digests(map(_EVENT_ID, records))
-                        flags = ids.fresh(None, sent_at, ids_digests=ds)
-                        if flags is not None:
-                            repeated = flags.count(False)
-                            dropped += repeated
-                            stats.duplicates_dropped += repeated
-                            records = [r for r, new in zip(records, flags, strict=True) if new]
-                            ds = None  # no longer the records'
-                    tenants = set(map(_TENANT, records))
-                    # one output per input message and tenant, in input order: the window
-                    # stage's lateness depends on message order, so normalizing a backlog
-                    # must not reorder what the live run would have seen
-                    value = msg.value or b""
-                    if not dropped and len(tenants) == 1 and value[:2] == SINGLE_OBJECT_MAGIC:
-                        # the common case: the input is already canonical, forward its bytes
-                        # (with the producer's watermark inside); encoding costs as much as decoding
-                        tenant = next(iter(tenants))
-                        recent.put(value, Published.of(env, ds, state.config))
-                        pending.append(await send(topics.records, tenant.encode(), value))
-                        continue
-                    by_tenant: dict[str, list[dict[str, Any]]] = {}
-                    for rec in records:
-                        by_tenant.setdefault(rec["tenant_id"], []).append(rec)
-                    origin = f"{msg.topic}:{part}"
-                    for tenant, recs in by_tenant.items():
-                        out_env = {
-                            "envelope_id": f"{origin}:{msg.offset}:{tenant}", "source": env["source"],
-                            "producer": origin, "sent_at_ms": sent_at, "watermark_ms": None,
-                            "records": recs,
-                        }
-                        out = env_codec.encode(out_env)
-                        recent.put(out, Published.of(out_env, None, state.config))
-                        pending.append(await send(topics.records, tenant.encode(), out))
-                    if env["watermark_ms"] is not None:
-                        # a producer's promise about its partition goes to the same partition
-                        # number of usage.records (tenant keys hash alike on both)
-                        mark = env_codec.encode({
-                            "envelope_id": f"{origin}:{msg.offset}:watermark", "source": env["source"],
-                            "producer": origin, "sent_at_ms": sent_at,
-                            "watermark_ms": env["watermark_ms"], "records": [],
-                        })
-                        pending.append(await topics.records.send(value=mark, partition=part))
+                    await normalize_one(ev, msg, part, pending)
                 await settle(pending)
                 for part, first_offset in touched.items():
                     # only now: a crash before this re-publishes (dropped again later)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
-from operator import itemgetter
 from typing import Any
+
+from streams.columns import Columns
 
 __all__ = ["MAX_AGE_MS", "MAX_FUTURE_MS", "invalid_reason", "invalid_records"]
 
@@ -18,8 +19,6 @@ MAX_AGE_MS = 35 * 24 * 3600 * 1000  # and 35 days in the past
 _MAX_VALUE = Decimal(10) ** 29  # decimal(38, 9) holds 29 integer digits
 _ZERO = Decimal(0)
 _DECIMAL_ONLY = {Decimal}
-_EVENT_ID, _TENANT, _METRIC, _RESOURCE, _VALUE, _TIME = map(
-    itemgetter, ("event_id", "tenant_id", "metric", "resource_id", "value", "event_time_ms"))
 
 
 def invalid_reason(record: Mapping[str, Any], sent_at_ms: int) -> str | None:
@@ -51,20 +50,23 @@ def invalid_reason(record: Mapping[str, Any], sent_at_ms: int) -> str | None:
     return None
 
 
-def invalid_records(records: Sequence[Mapping[str, Any]], sent_at_ms: int) -> list[tuple[int, str]]:
+def invalid_records(
+    records: Sequence[Mapping[str, Any]], sent_at_ms: int, columns: Columns | None = None,
+) -> list[tuple[int, str]]:
     """(index, reason) of every record of an envelope that cannot be billed; usually empty.
 
     :func:`invalid_reason` for a whole envelope: the common case (all valid) is checked for
     the whole envelope at once, each condition over every record at C speed (this runs for
-    every sample); only an envelope that fails it is checked record by record."""
+    every sample); only an envelope that fails it is checked record by record.
+    ``columns``: the records' :class:`~streams.columns.Columns`, when the caller has them."""
     lo, hi = sent_at_ms - MAX_AGE_MS, sent_at_ms + MAX_FUTURE_MS
     if not records:
         return []
-    values = list(map(_VALUE, records))
-    times = list(map(_TIME, records))
+    cols = columns if columns is not None else Columns.of(records)
+    values, times = cols.values, cols.times
     if (
-        all(map(_EVENT_ID, records)) and all(map(_TENANT, records)) and all(map(_METRIC, records))
-        and all(map(_RESOURCE, records)) and set(map(type, values)) == _DECIMAL_ONLY
+        all(cols.event_ids) and all(cols.tenants) and all(cols.metrics) and all(cols.resources)
+        and set(map(type, values)) == _DECIMAL_ONLY
         and all(map(Decimal.is_finite, values)) and _ZERO <= min(values) and max(values) < _MAX_VALUE
         and lo <= min(times) and max(times) <= hi
     ):

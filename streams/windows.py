@@ -31,10 +31,11 @@ from __future__ import annotations
 import bisect
 import decimal
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from functools import reduce
+from itertools import repeat
 from operator import itemgetter, methodcaller
 from typing import Any
 
@@ -45,6 +46,7 @@ from streams.aggregations import (
     MetricState,
     new_state,
 )
+from streams.columns import Columns
 from streams.dedup import EventIdFilter, digests
 from streams.lifecycle import VM_RUNNING_AGGREGATION, VM_RUNNING_METRIC, vm_running_seconds
 from streams.scoring import score
@@ -137,8 +139,7 @@ HEARTBEAT, STARTED, STOPPED, POSSIBLE_GAP = "vm_heartbeat", "vm_started", "vm_st
 _LIFECYCLE = frozenset({HEARTBEAT, STARTED, STOPPED, POSSIBLE_GAP})
 _VM_SOURCES = frozenset({None, "vm"})  # the samples whose resource is a VM (for the gap check)
 # field readers run over a whole message at C speed
-_TIME, _EVENT_ID, _TENANT, _METRIC, _VALUE, _RESOURCE = map(
-    itemgetter, ("event_time_ms", "event_id", "tenant_id", "metric", "value", "resource_id"))
+_TIME, _EVENT_ID = itemgetter("event_time_ms"), itemgetter("event_id")
 _SOURCE = methodcaller("get", "source")
 
 
@@ -157,7 +158,9 @@ class FoldedMessage:
     vms: set[str]  # the VMs with usage (for the gap check)
 
 
-def fold_message(config: WindowConfig, records: list[Mapping[str, Any]]) -> FoldedMessage | None:
+def fold_message(
+    config: WindowConfig, records: list[Mapping[str, Any]], columns: Columns | None = None,
+) -> FoldedMessage | None:
     """The message's samples aggregated once, to be merged into each of their windows; None
     when they do not all fall into one slot (one tenant, one grain) or include lifecycle
     records: :meth:`PartitionWindows.add` then folds them sample by sample.
@@ -169,47 +172,62 @@ def fold_message(config: WindowConfig, records: list[Mapping[str, Any]]) -> Fold
     it. The normalizer folds a message right after decoding it, and hands the window stage
     this instead of the records: hundreds of decoded records held until the window stage
     takes them made every later decode write to cold memory (see docs/ARCHITECTURE.md).
+    ``columns``: the records' :class:`~streams.columns.Columns`, when the caller has them.
     """
     if not records:
         return None
-    times = list(map(_TIME, records))
+    cols = columns if columns is not None else Columns.of(records)
+    times = cols.times
     lo, hi = min(times), max(times)
     grain = config.grain_ms
     if lo - lo % grain != hi - hi % grain:
         return None
-    tenants = set(map(_TENANT, records))
+    tenants = set(cols.tenants)
     if len(tenants) != 1:
         return None
-    metrics = list(map(_METRIC, records))
+    metrics = cols.metrics
     kinds = set(metrics)
     if not kinds.isdisjoint(_LIFECYCLE):
         return None
-    values = list(map(_VALUE, records))
-    by_metric: Mapping[str, Sequence[int]]
-    if len(kinds) == 1:
-        by_metric = {metrics[0]: range(len(records))}
-    else:
-        groups: dict[str, list[int]] = {}
-        for i, metric in enumerate(metrics):
-            groups.setdefault(metric, []).append(i)
-        by_metric = groups
+    values, resources = cols.values, cols.resources
     states: dict[str, MetricState] = {}
-    for metric, idx in by_metric.items():
+    for metric, rows in _rows_by_metric(metrics, len(kinds)).items():
         state = states[metric] = new_state(config.aggregation(metric))
+        picked = values[rows] if isinstance(rows, slice) else list(map(values.__getitem__, rows))
         if state.kind == "sum":  # the common aggregation, at C speed
-            state.samples = len(idx)
-            state.total = reduce(_CTX_ADD, map(values.__getitem__, idx), _ZERO)
-        else:
-            for i in idx:
-                r = records[i]
-                state.add(values[i], times[i], r["event_id"], r["resource_id"])
+            state.samples = len(picked)
+            state.total = reduce(_CTX_ADD, picked, _ZERO)
+            continue
+        if state.kind == "resource_mean" and isinstance(rows, slice):
+            owners = resources[rows]
+            if len(set(owners)) == len(owners):  # one sample per resource (a gauge per tick)
+                state.samples = len(picked)
+                state.per_resource = dict(zip(owners, map(list, zip(picked, repeat(1))), strict=True))
+                continue
+        for i in (range(len(metrics))[rows] if isinstance(rows, slice) else rows):
+            state.add(values[i], times[i], cols.event_ids[i], resources[i])
     sources = set(map(_SOURCE, records))
     if sources <= _VM_SOURCES:
-        vms = set(map(_RESOURCE, records))
+        vms = set(resources)
     else:
         vms = {r["resource_id"] for r in records if r.get("source") in _VM_SOURCES}
     (tenant,) = tenants
     return FoldedMessage(tenant, times, lo, hi, states, vms)
+
+
+def _rows_by_metric(metrics: list[str], kinds: int) -> dict[str, slice] | dict[str, list[int]]:
+    """Which rows hold each metric: a slice when the records repeat one metric order (a
+    producer writes each resource's metrics in a fixed order), found at C speed; else
+    lists of row numbers."""
+    n = len(metrics)
+    if kinds == 1:
+        return {metrics[0]: slice(None)}
+    if n % kinds == 0 and all(metrics[i::kinds].count(metrics[i]) == n // kinds for i in range(kinds)):
+        return {metrics[i]: slice(i, None, kinds) for i in range(kinds)}
+    groups: dict[str, list[int]] = {}
+    for i, metric in enumerate(metrics):
+        groups.setdefault(metric, []).append(i)
+    return groups
 
 
 def _states(wins: list[_Window], metric: str, kind: str) -> list[MetricState]:
