@@ -20,7 +20,6 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from operator import itemgetter
 from typing import Any
 
 import faust
@@ -50,7 +49,6 @@ NORMALIZE_TAKE_MAX = 100
 # when input pauses; then each stage waits this long before handling what it has (with 0.2 s
 # the end of a burst waited twice that, normalizer then window stage, before its results)
 TAKE_WITHIN = 0.05
-_EVENT_ID, _TENANT = itemgetter("event_id"), itemgetter("tenant_id")
 
 
 @dataclass
@@ -282,7 +280,7 @@ def install_agents(
         sent_at = env["sent_at_ms"]
         records = env["records"]
         # every field read once, for validation, hashing, the tenant check and folding
-        cols: Columns | None = Columns.of(records)
+        cols = Columns.of(records)
         dropped = 0
         bad = invalid_records(records, sent_at, cols)
         if bad:
@@ -296,15 +294,16 @@ def install_agents(
             cols = Columns.of(records)
         ds: list[int] | None = None  # the records' id digests, for the window stage too
         if ids is not None:
-            ds = digests(cols.event_ids if cols is not None else map(_EVENT_ID, records))
+            ds = digests(cols.event_ids)
             flags = ids.fresh(None, sent_at, ids_digests=ds)
             if flags is not None:
                 repeated = flags.count(False)
                 dropped += repeated
                 stats.duplicates_dropped += repeated
                 records = [r for r, new in zip(records, flags, strict=True) if new]
-                ds, cols = None, None  # no longer the records'
-        tenants = set(cols.tenants) if cols is not None else set(map(_TENANT, records))
+                ds = None  # no longer the records'
+                cols = Columns.of(records)
+        tenants = set(cols.tenants)
         # one output per input message and tenant, in input order: the window
         # stage's lateness depends on message order, so normalizing a backlog
         # must not reorder what the live run would have seen

@@ -193,16 +193,17 @@ def fold_message(
     states: dict[str, MetricState] = {}
     for metric, rows in _rows_by_metric(metrics, len(kinds)).items():
         state = states[metric] = new_state(config.aggregation(metric))
-        picked = values[rows] if isinstance(rows, slice) else list(map(values.__getitem__, rows))
         if state.kind == "sum":  # the common aggregation, at C speed
+            picked = _pick(values, rows)
             state.samples = len(picked)
             state.total = reduce(_CTX_ADD, picked, _ZERO)
             continue
-        if state.kind == "resource_mean" and isinstance(rows, slice):
-            owners = resources[rows]
+        if state.kind == "resource_mean":
+            owners = _pick(resources, rows)
             if len(set(owners)) == len(owners):  # one sample per resource (a gauge per tick)
-                state.samples = len(picked)
-                state.per_resource = dict(zip(owners, map(list, zip(picked, repeat(1))), strict=True))
+                state.samples = len(owners)
+                state.per_resource = dict(zip(owners, map(list, zip(_pick(values, rows), repeat(1))),
+                                              strict=True))
                 continue
         for i in (range(len(metrics))[rows] if isinstance(rows, slice) else rows):
             state.add(values[i], times[i], cols.event_ids[i], resources[i])
@@ -228,6 +229,11 @@ def _rows_by_metric(metrics: list[str], kinds: int) -> dict[str, slice] | dict[s
     for i, metric in enumerate(metrics):
         groups.setdefault(metric, []).append(i)
     return groups
+
+
+def _pick(column: list[Any], rows: slice | list[int]) -> list[Any]:
+    """The items of ``column`` in ``rows`` (see ``_rows_by_metric``), at C speed."""
+    return column[rows] if isinstance(rows, slice) else list(map(column.__getitem__, rows))
 
 
 def _states(wins: list[_Window], metric: str, kind: str) -> list[MetricState]:
