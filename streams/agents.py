@@ -77,6 +77,8 @@ class WindowState:
     last_seen: dict[int, float] = field(default_factory=dict)
     # partition -> (offset sought back to, monotonic time of the seek, topic partition)
     seeking: dict[int, tuple[int, float, Any]] = field(default_factory=dict)
+    # partition -> its closed_wm when its state was last saved (see persist_and_release)
+    saved_wm: dict[int, int | None] = field(default_factory=dict)
 
     def of(self, partition: int, saved: Any, ids: EventIdFilter | None = None) -> PartitionWindows:
         """The windows of one input partition, restored from ``saved`` on first use."""
@@ -96,6 +98,7 @@ class WindowState:
             self.held.pop(p, None)
             self.last_seen.pop(p, None)
             self.seeking.pop(p, None)
+            self.saved_wm.pop(p, None)
 
     async def seek_back(self, app: faust.App, tp: Any, offset: int) -> None:
         """Seek a partition back to ``offset`` (later messages of the same fetch are skipped
@@ -388,6 +391,12 @@ def install_agents(
         n = 0
         while n < len(held) and (held[n][1] == 0 or (closed is not None and held[n][1] <= closed)):
             n += 1
+        if not n and part in state.saved_wm and state.saved_wm[part] == closed and not pw.replaying:
+            # nothing closed since the last save and nothing to release: the saved state
+            # still restarts this partition exactly (from the same held message, against the
+            # same closed_wm; the replay teaches the id filter the ids not saved), so saving
+            # again would only add changelog writes, once per small batch
+            return
         free, keep = held[:n], held[n:]
         min_held = keep[0][0] if keep else None
         snap = pw.snapshot(min_held)
@@ -398,6 +407,7 @@ def install_agents(
         for _, _, message in free:
             message.ack(app.consumer)
         state.held[part] = keep
+        state.saved_wm[part] = closed
 
     @app.agent(topics.records, name="windows")
     async def windows(stream: Any) -> None:
