@@ -28,9 +28,9 @@ One broker, one topic of batch envelopes, every figure from the same run:
    one per message, ``async for value in stream`` with a windowed-table update per event.
    Timed inside the agent from its first to its last event (start-up excluded the same way).
 
-``--rounds N`` repeats steps 1, 2, 4 and the second raw run N times (each round on topics of
-its own) and reports the round whose stage / raw ratio is the median: on a shared machine
-one round's ratio can be off by a fifth either way.
+``--rounds N`` (default 3) repeats steps 1, 2, 4 and the second raw run N times (each round
+on topics of its own) and reports the round whose stage / raw ratio is the median: on a
+shared machine one round's ratio can be off by a fifth either way.
 
 Goals (issue "Stream processing"): the stream stage at least half the raw aiokafka figure
 and at least 30 times the naive agent. Absolute numbers depend on the machine and its load;
@@ -840,9 +840,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1,
                    help="stream worker processes in the group (default 1: one process, like "
                         "the raw consumers it is compared with)")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--rounds", type=int, default=3,
                    help="repeat fill, raw, stage, raw this many times and report the round with "
-                        "the median stage / raw ratio (the host is noisy; default 1)")
+                        "the median stage / raw ratio (the host is noisy: one round's ratio can "
+                        "be off by a fifth either way; default 3)")
     p.add_argument("--profile", action="store_true",
                    help="sample the worker with py-spy and print where it spends time")
     p.add_argument("--workdir", type=Path, default=None,
