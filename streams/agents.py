@@ -273,11 +273,11 @@ def install_agents(
     source_ids = TableBackedFilters(
         dedup_table.data, send_dedup, "p", settings.dedup_horizon_seconds * 1000)
     # window stage: exact per input offset, so copies re-published by a restarted
-    # normalizer are dropped, never counted as late. Not compacted: its horizon is a few
-    # windows, and its replay bookkeeping holds the ids anyway
+    # normalizer are dropped, never counted as late. Its horizon is a few windows, but at
+    # high rates those are tens of millions of ids: compacted like the normalizer's, with
+    # each id's first offset
     horizon_ms, bucket_ms = window_ids_horizon(settings)
-    window_ids = TableBackedFilters(dedup_table.data, send_dedup, "w", horizon_ms, bucket_ms=bucket_ms,
-                                    compact_at=None)
+    window_ids = TableBackedFilters(dedup_table.data, send_dedup, "w", horizon_ms, bucket_ms=bucket_ms)
 
     # what each agent processed, per input topic and partition (see streams/offsets.py)
     source_offsets = OffsetGuard("normalize")

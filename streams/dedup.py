@@ -51,8 +51,9 @@ def digests(event_ids: Iterable[str]) -> list[int]:
 
 
 class _ColdIds:
-    """The ids of sealed buckets: two numpy arrays sorted by digest (digest, bucket), 16 bytes
-    an id where a Python set and its bucket lists take about 70.
+    """The ids of sealed buckets: numpy arrays sorted by digest (digest, bucket, and for a
+    filter on an ordered input the offset that first passed it), 16 or 24 bytes an id where a
+    Python set, its bucket lists and the offset runs take about 70 to 100.
 
     Looked up one message at a time: digests are uniform hashes, so a fence on their top bits
     narrows each lookup to about 8 neighbours, then a binary search runs for all the
@@ -62,6 +63,9 @@ class _ColdIds:
     def __init__(self) -> None:
         self.ids = np.empty(0, dtype=np.uint64)
         self.buckets = np.empty(0, dtype=np.int64)
+        # the input offset that first passed each id (-1: none recorded); None until an id
+        # with an offset arrives, so a filter without offsets (the normalizer's) pays nothing
+        self.offsets: np.ndarray | None = None
         self.oldest: int | None = None
         self._fence = np.zeros(2, dtype=np.int64)
         self._shift = np.uint64(0)
@@ -133,11 +137,23 @@ class _ColdIds:
             return at[held], []
         return at[held], np.asarray(digests, dtype=np.uint64)[held].tolist()
 
-    def add(self, digests: np.ndarray, buckets: np.ndarray) -> None:
-        """Add digests not held yet, each with its bucket."""
+    def offsets_at(self, at: np.ndarray) -> list[int]:
+        """The first offsets recorded for the ids at places ``at`` (-1: none)."""
+        if self.offsets is None:
+            return [-1] * len(at)
+        result: list[int] = self.offsets[at].tolist()
+        return result
+
+    def add(self, digests: np.ndarray, buckets: np.ndarray, offsets: np.ndarray | None = None) -> None:
+        """Add digests not held yet, each with its bucket (and first offset, -1 for none)."""
         order = np.argsort(digests, kind="stable")
         digests, buckets = digests[order], buckets[order]
         at = np.searchsorted(self.ids, digests)
+        if offsets is not None and self.offsets is None and bool((offsets >= 0).any()):
+            self.offsets = np.full(len(self.ids), -1, dtype=np.int64)
+        if self.offsets is not None:
+            added = offsets[order] if offsets is not None else np.full(len(digests), -1, dtype=np.int64)
+            self.offsets = np.insert(self.offsets, at, added)
         self.ids = np.insert(self.ids, at, digests)
         self.buckets = np.insert(self.buckets, at, buckets)
         self._reindex()
@@ -149,6 +165,8 @@ class _ColdIds:
         keep = self.buckets > last
         dropped = np.unique(self.buckets[~keep]).tolist()
         self.ids, self.buckets = self.ids[keep], self.buckets[keep]
+        if self.offsets is not None:
+            self.offsets = self.offsets[keep]
         self._reindex()
         return dropped
 
@@ -161,9 +179,9 @@ class EventIdFilter:
     twice (normalizer and window stage). Each digest is in exactly one bucket.
 
     Once the buckets older than the newest hold ``compact_at`` ids or more, they move to a
-    compact store (:meth:`compact`): a 24 h horizon at high rates would not fit in memory as
-    Python ints. ``compact_at=None`` keeps everything in the set (the window stage's filter,
-    whose short horizon holds far fewer ids, and whose replay bookkeeping refers to the ids).
+    compact store (:meth:`compact`), with the offsets that first passed them: a 24 h horizon
+    (the normalizer's), or the window stage's few hours at high rates, would not fit in
+    memory as Python ints. ``compact_at=None`` keeps everything in the set.
     """
 
     def __init__(self, horizon_ms: int, bucket_ms: int = _BUCKET_MS,
@@ -202,7 +220,7 @@ class EventIdFilter:
         duplicate of itself when that input is replayed.
         """
         d = digest(event_id)
-        return self._check(d, at_ms, offset, bool(self._cold and self._cold.find([d])[1]))
+        return self._check(d, at_ms, offset, self._cold_offsets([d]).get(d))
 
     def fresh(
         self, event_ids: Sequence[str] | None, at_ms: int | Sequence[int], offset: int = -1,
@@ -220,9 +238,10 @@ class EventIdFilter:
         if not ds:
             return None
         new = set(ds)
-        # which ids the compact store holds, in one lookup for the message (the store does
-        # not change below: only compact() and expire() move ids into or out of it)
-        in_cold = set(self._cold.find(ds)[1]) if self._cold else set()
+        # which ids the compact store holds (with their first offsets), in one lookup for the
+        # message (the store does not change below: only compact() and expire() move ids into
+        # or out of it)
+        in_cold = self._cold_offsets(ds)
         if len(new) == len(ds) and not in_cold and new.isdisjoint(self._known):
             if isinstance(at_ms, int):
                 self._add_new(ds, at_ms - at_ms % self.bucket_ms, offset)
@@ -242,14 +261,28 @@ class EventIdFilter:
         flags = []
         here: set[int] = set()
         for d, t in zip(ds, times, strict=False):  # times may be an endless repeat
-            flags.append(d not in here and self._check(d, t, offset, d in in_cold))
+            flags.append(d not in here and self._check(d, t, offset, in_cold.get(d)))
             here.add(d)
         return flags
 
-    def _check(self, d: int, at_ms: int, offset: int, in_cold: bool) -> bool:
-        # in_cold: the compact store holds d (looked up by the caller, for a whole message)
-        if in_cold or d in self._known:
-            return offset >= 0 and self._first_offsets().get(d, -1) >= offset
+    def _cold_offsets(self, ds: Sequence[int]) -> dict[int, int]:
+        # the ids of ds the compact store holds -> the offset it recorded for each
+        if not self._cold:
+            return {}
+        at, held = self._cold.find(ds)
+        return dict(zip(held, self._cold.offsets_at(at), strict=True)) if held else {}
+
+    def _check(self, d: int, at_ms: int, offset: int, cold_offset: int | None) -> bool:
+        # cold_offset: the compact store's offset for d, None when it does not hold d (looked
+        # up by the caller, for a whole message)
+        if cold_offset is not None or d in self._known:
+            if offset < 0:
+                return False
+            # a run recorded since d was compacted is later, and wins as it would in one map
+            first = self._first_offsets().get(d)
+            if first is None:
+                first = -1 if cold_offset is None else cold_offset
+            return first >= offset
         self._add_new([d], at_ms - at_ms % self.bucket_ms, offset)
         return True
 
@@ -315,10 +348,49 @@ class EventIdFilter:
         sizes = [len(part) for part in parts]
         moved = sum(sizes)
         if moved:
-            self._cold.add(np.fromiter(chain.from_iterable(parts), dtype=np.uint64, count=moved),
-                           np.repeat(np.asarray(old, dtype=np.int64), sizes))
+            ids = np.fromiter(chain.from_iterable(parts), dtype=np.uint64, count=moved)
+            self._cold.add(ids, np.repeat(np.asarray(old, dtype=np.int64), sizes), self._move_runs(ids))
         self._known = set(self._buckets.get(newest, ())) if newest is not None else set()
         return moved
+
+    def _move_runs(self, moved: np.ndarray) -> np.ndarray | None:
+        """The first offset of each id in ``moved`` (-1: none), as the id -> offset map built
+        from every run would give it (the last run that recorded the id wins); the runs keep
+        only their other ids. The compact store holds the moved ids' offsets from then on, so
+        a filter on an ordered input keeps no Python int of a compacted id. None: no runs."""
+        runs = self._runs
+        if not runs:
+            return None
+        sizes = [len(ds) for _, ds, _ in runs]
+        ds_all = np.fromiter(chain.from_iterable(ds for _, ds, _ in runs), dtype=np.uint64, count=sum(sizes))
+        offs_all = np.concatenate([_run_offsets(offs, n)
+                                   for (_, _, offs), n in zip(runs, sizes, strict=True)])
+        result = np.full(len(moved), -1, dtype=np.int64)
+        recorded = offs_all >= 0
+        if recorded.any():
+            # the last recorded offset of each id: the first of each in reverse order
+            rev_ids, rev_offs = ds_all[recorded][::-1], offs_all[recorded][::-1]
+            uniq, first = np.unique(rev_ids, return_index=True)
+            place = np.minimum(np.searchsorted(uniq, moved), len(uniq) - 1)
+            hit = uniq[place] == moved
+            result[hit] = rev_offs[first[place[hit]]]
+        # keep every run's entries of the ids that stay (those of the newest bucket), in order
+        order = np.sort(moved)
+        gone = order[np.minimum(np.searchsorted(order, ds_all), len(order) - 1)] == ds_all
+        kept: list[tuple[int, list[int], int | Sequence[int]]] = []
+        start = 0
+        for (bucket, ds, offs), n in zip(runs, sizes, strict=True):
+            mask = gone[start:start + n]
+            start += n
+            if not mask.any():
+                kept.append((bucket, ds, offs))
+            elif not mask.all():
+                stay = np.flatnonzero(~mask).tolist()
+                kept.append((bucket, [ds[i] for i in stay], offs if isinstance(offs, int)
+                             else _run_offsets(offs, n)[stay].tolist()))
+        self._runs = kept
+        self._first_offset, self._folded = {}, 0  # rebuilt from the runs left, when needed
+        return result
 
     def _maybe_compact(self) -> None:
         if self.compact_at is None or len(self._buckets) < 2:
@@ -373,6 +445,17 @@ class EventIdFilter:
             self._runs = [run for run in self._runs if run[0] not in gone]
             self._first_offset, self._folded = {}, 0  # rebuilt from the runs left, when needed
         return dropped
+
+
+def _run_offsets(offs: int | Sequence[int], n: int) -> np.ndarray:
+    # a run's offsets, one per id: one for all, or a saved chunk's (as many as its ids;
+    # -1 pads one that is short, as the map built from runs skips the missing ones)
+    if isinstance(offs, int):
+        return np.full(n, offs, dtype=np.int64)
+    out = np.full(n, -1, dtype=np.int64)
+    given = np.asarray(offs[:n], dtype=np.int64)
+    out[:len(given)] = given
+    return out
 
 
 def saved_entries(

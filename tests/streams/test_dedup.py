@@ -197,3 +197,24 @@ def test_table_entries_of_a_compacted_bucket_are_deleted_when_it_expires() -> No
     assert not [k for k in data if k.startswith("p0:0:")]
     assert ("p0:0:10:0" in {k for _, k, v in sent if v is None})
     assert f.fresh(["a"], 4 * H) is None  # new again
+
+
+def test_compacting_keeps_each_ids_first_offset_as_the_runs_gave_it() -> None:
+    # ids saved twice (in two buckets, with different offsets): the later record of an id
+    # wins, and an id that stays in the newest bucket keeps the offset an older bucket's
+    # record gave it. Compaction moves offsets out of those records: nothing may change
+    def build() -> EventIdFilter:
+        f = EventIdFilter(horizon_ms=4 * H, bucket_ms=H, compact_at=None)
+        f.load(H, digests(["a"]), [7])
+        f.load(2 * H, digests(["c"]), [9])
+        f.load(0, digests(["a", "b", "c"]), [3, 4, 2])  # a and c stay in their newer buckets
+        return f
+
+    plain, compacted = build(), build()
+    assert compacted.compact() == 2  # a (bucket H) and b (bucket 0)
+    assert compacted.compacted == 2 and len(compacted) == len(plain) == 3
+    for e in ("a", "b", "c"):
+        for offset in range(-1, 11):
+            assert compacted.fresh([e], 2 * H, offset) == plain.fresh([e], 2 * H, offset), (e, offset)
+    assert plain.fresh(["a"], 2 * H, 3) == [True] and plain.fresh(["a"], 2 * H, 4) == [False]
+    assert plain.fresh(["c"], 2 * H, 2) == [True] and plain.fresh(["c"], 2 * H, 3) == [False]

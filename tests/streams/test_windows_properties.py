@@ -60,20 +60,24 @@ def streams_(draw: Any, max_disorder: int) -> list[list[dict]]:
 
 def run(messages: list[list[dict]], lateness: int, crash_at: int | list[int] | None = None,
         republish: int = 0, commit_lag: int = 0, hashed: bool = False,
-        folded: bool = False, loads: list[int] | None = None) -> tuple[dict[str, dict], list[dict]]:
+        folded: bool = False, loads: list[int] | None = None,
+        compact_at: int | None = None) -> tuple[dict[str, dict], list[dict]]:
     """Feed messages, emitting windows. ``crash_at``: the processing steps (counting replayed
     messages too, so a crash can hit a replay) after which the worker dies and restarts from
     the last snapshot; the first crash also appends, like a restarted normalizer, copies of
     the last ``republish`` messages. ``hashed``: hand each message's id digests in, as the
     worker does for what its normalizer just published. ``folded`` (with ``hashed``): hand
     in each message folded beforehand, as the normalizer does, with its records only on
-    request; the steps that requested them are appended to ``loads``."""
+    request; the steps that requested them are appended to ``loads``. ``compact_at``: the
+    restored id filters' threshold (0 moves every bucket but the newest, with the offsets
+    that first passed its ids, to the compact store; None never), as the worker's does at a
+    million ids."""
     crash_steps = sorted({crash_at} if isinstance(crash_at, int) else set(crash_at or ()))
     cfg = config(lateness)
     table: dict[str, dict] = {}
 
     def restored_ids() -> EventIdFilter:
-        f = EventIdFilter(horizon_ms=10**9, bucket_ms=60_000)
+        f = EventIdFilter(horizon_ms=10**9, bucket_ms=60_000, compact_at=compact_at)
         for _k, bucket, ids, offs in saved_entries(table, "w0:"):
             f.load(bucket, ids, offs)
         return f
@@ -209,7 +213,8 @@ def test_crash_and_replay_emit_what_an_uninterrupted_run_emits(
     clean, clean_late = run(messages, lateness=3_000)
     hashed = data.draw(st.booleans())
     crashed, _ = run(messages, lateness=3_000, crash_at=crash_at, republish=republish, commit_lag=lag,
-                     hashed=hashed, folded=hashed and data.draw(st.booleans()))
+                     hashed=hashed, folded=hashed and data.draw(st.booleans()),
+                     compact_at=data.draw(st.sampled_from([None, 0])))
     assert crashed == clean
 
 
@@ -224,7 +229,7 @@ def test_repeated_crashes_also_during_replay_emit_what_an_uninterrupted_run_emit
     lag = data.draw(st.integers(0, 10))
     clean, _ = run(messages, lateness=3_000)
     crashed, _ = run(messages, lateness=3_000, crash_at=crashes, republish=data.draw(
-        st.integers(0, 3)), commit_lag=lag)
+        st.integers(0, 3)), commit_lag=lag, compact_at=data.draw(st.sampled_from([None, 0])))
     assert crashed == clean
 
 
