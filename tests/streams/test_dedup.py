@@ -218,3 +218,33 @@ def test_compacting_keeps_each_ids_first_offset_as_the_runs_gave_it() -> None:
             assert compacted.fresh([e], 2 * H, offset) == plain.fresh([e], 2 * H, offset), (e, offset)
     assert plain.fresh(["a"], 2 * H, 3) == [True] and plain.fresh(["a"], 2 * H, 4) == [False]
     assert plain.fresh(["c"], 2 * H, 2) == [True] and plain.fresh(["c"], 2 * H, 3) == [False]
+
+
+def test_compact_store_index_built_in_chunks_equals_the_whole_array_one() -> None:
+    # the prefix bitmap is built a chunk at a time (memory); chunk boundaries that split a
+    # byte's prefixes must give the bitmap a bool per prefix over all ids gives
+    import random
+
+    import numpy as np
+
+    import streams.dedup as dedup
+
+    rng = random.Random(7)
+    held = sorted({rng.getrandbits(64) for _ in range(5000)})
+    # neighbours sharing prefixes, across chunk boundaries too
+    held = sorted(set(held) | {h + 1 for h in held[:50]} | {h ^ 1 for h in held[100:140]})
+    others = [rng.getrandbits(64) for _ in range(500)]
+    saved = dedup.REINDEX_CHUNK
+    try:
+        for chunk in (1, 7, 64, 10**6):
+            dedup.REINDEX_CHUNK = chunk
+            cold = dedup._ColdIds()
+            cold.add(np.asarray(held, dtype=np.uint64), np.zeros(len(held), dtype=np.int64))
+            marked = np.zeros(8 * len(cold._marks), dtype=bool)
+            marked[cold.ids >> cold._mark_shift] = True
+            assert np.array_equal(cold._marks, np.packbits(marked, bitorder="little")), chunk
+            at = cold.positions(held + others)
+            assert set(others).isdisjoint(held)
+            assert bool((at[: len(held)] >= 0).all()) and bool((at[len(held):] < 0).all())
+    finally:
+        dedup.REINDEX_CHUNK = saved
