@@ -157,6 +157,11 @@ class EnvelopePublisher:
             self._closed = True
             self._producer.close()
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._closed
+
     def partitions(self, timeout: float = 10.0) -> list[int]:
         """The partition ids of the target topic."""
         md = self._producer.list_topics(self.topic, timeout=timeout)

@@ -105,6 +105,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -693,9 +694,9 @@ class VmGateway:
         self.ack_timeout = ack_timeout
         self.max_body_bytes = max_body_bytes
         self._clock_ns = clock_ns
-        self._pub = TrackedPublisher(
-            bootstrap_servers, topic, source="vm", producer_name="vm-gateway",
-            config=publisher_config)
+        self._new_publisher = partial(TrackedPublisher, bootstrap_servers, topic, source="vm",
+                                      producer_name="vm-gateway", config=publisher_config)
+        self._pub = self._new_publisher()
         self.vms: dict[str, VmState] = {}
         self.stats: dict[str, int] = dict.fromkeys(_STAT_NAMES, 0)
         self.by_method: dict[str, int] = {}
@@ -971,6 +972,8 @@ class VmGateway:
     # ---- running ------------------------------------------------------------------------------
 
     async def _start_site(self) -> None:
+        if self._pub.closed:  # stopped before: its producer was released, start afresh
+            self._pub = self._new_publisher()
         self._pub.start_polling()
         self._runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=5.0)
         await self._runner.setup()
@@ -995,6 +998,9 @@ class VmGateway:
         if given_up:
             log.warning("vm-ingest: stopped with %d envelopes unacknowledged by Kafka; given up "
                         "(their requests were not answered 200)", given_up)
+        # release librdkafka's threads and connections now: kept until the gateway object is
+        # collected, they go on reconnecting (and logging each failure) to a broker maybe gone
+        await loop.run_in_executor(None, self._pub.close)
 
     async def serve(self, stop: asyncio.Event | None = None) -> None:
         """Serve until ``stop`` is set (or SIGINT/SIGTERM when it is None)."""

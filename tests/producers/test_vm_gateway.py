@@ -303,6 +303,44 @@ def test_health_and_stats(gateway: VmGateway) -> None:
         assert name in stats
 
 
+def _kafka_threads() -> int:
+    # librdkafka's native threads ("rdk:main", "rdk:broker..."), invisible to threading
+    from pathlib import Path
+
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text())
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return sum(1 for name in names if name.startswith("rdk:"))
+
+
+def test_a_stopped_gateway_releases_its_producer_and_starts_again(settings: Settings) -> None:
+    # kept until the gateway object is collected, its producer went on reconnecting (and
+    # logging each failure) to a broker perhaps gone; a restarted gateway needs a new one
+    import gc
+
+    gc.collect()  # producers left by earlier tests, so they do not vanish mid-count
+    before = _kafka_threads()
+    gw = VmGateway(gateway_bootstrap(settings), settings.topic("usage.vm"), ack_timeout=15)
+    t0 = now_s()
+    try:
+        gw.start()
+        assert post(gw, "NotifyVmStarted", {"vmId": "vm-r1", "customerId": "cust-r",
+                                            "startTime": str(t0)}).status_code == 200
+        assert _kafka_threads() > before
+        gw.stop()
+        assert _kafka_threads() <= before
+        gw.start()  # afresh, with a producer of its own
+        assert post(gw, "NotifyVmStarted", {"vmId": "vm-r2", "customerId": "cust-r",
+                                            "startTime": str(t0)}).status_code == 200
+    finally:
+        gw.stop()
+    got = consume(gateway_bootstrap(settings), settings.topic("usage.vm"), 2)
+    assert sorted(r["resource_id"] for _, r in got) == ["vm-r1", "vm-r2"]
+
+
 # ---- a broker outage ------------------------------------------------------------------------------
 
 
