@@ -74,42 +74,62 @@ class _ColdIds:
         self._bits = 0
         self._steps: list[int] = []  # the halving steps of a lookup, largest first
         self._marks = np.zeros(1, dtype=np.uint8)  # a bit per top-bits prefix held
-        self._mark_shift = np.uint64(63)
+        self._mark_shift = np.uint64(61)
+        self._mark_bits = 3
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _reindex(self) -> None:
+    @staticmethod
+    def _shape(n: int) -> tuple[int, int]:
+        # (fence bits, mark bits) for n ids. About 8 ids a fence slot: a lookup then takes 4
+        # to 5 halving steps, and the fence costs half a byte to a byte an id. 4 to 8 mark
+        # bits an id: most ids not held fall on an unmarked prefix and need no search
+        return min(28, max(0, (n // 8).bit_length() - 1)), max(3, (8 * n).bit_length() - 1)
+
+    def _reindex(self, added: np.ndarray | None = None, before: int = 0) -> None:
+        # ``added``: the sorted digests just inserted into ``before`` ids. While the index keeps
+        # its shape it is brought up to date from them alone, a few milliseconds, instead of
+        # being rebuilt from every id (seconds at tens of millions); both give the same arrays
         n = len(self.ids)
-        ids = self.ids
-        # about 8 ids a fence slot: a lookup then takes 4 to 5 halving steps, and the fence
-        # costs half a byte to a byte an id
-        self._bits = bits = min(28, max(0, (n // 8).bit_length() - 1))
-        if bits:
+        bits, mark_bits = self._shape(n)
+        incremental = (added is not None and before > 0
+                       and (bits, mark_bits) == self._shape(before) == (self._bits, self._mark_bits))
+        self._bits, self._mark_bits = bits, mark_bits
+        dtype = np.int32 if n < 2**31 else np.int64
+        if not bits:
+            self._fence = np.array([0, n], dtype=np.int64)
+        elif incremental and added is not None:
+            counts = np.bincount((added >> self._shift).astype(np.int64), minlength=1 << bits)
+            grown = np.concatenate(([0], np.cumsum(counts)))
+            self._fence = (self._fence.astype(np.int64) + grown).astype(dtype)
+        else:
             self._shift = np.uint64(64 - bits)
             starts = np.arange(1 << bits, dtype=np.uint64) << self._shift
-            dtype = np.int32 if n < 2**31 else np.int64
-            self._fence = np.append(np.searchsorted(ids, starts), n).astype(dtype)
+            self._fence = np.append(np.searchsorted(self.ids, starts), n).astype(dtype)
+        if incremental and added is not None:
+            self._mark(added)
         else:
-            self._fence = np.array([0, n], dtype=np.int64)
-        # 4 to 8 bits an id: most ids not held fall on an unmarked prefix and need no search
-        mark_bits = max(3, (8 * n).bit_length() - 1)
-        self._mark_shift = np.uint64(64 - mark_bits)
-        marks = np.zeros((1 << mark_bits) // 8, dtype=np.uint8)  # bit k of byte j: prefix 8j + k
-        # REINDEX_CHUNK ids at a time: at a day's ids of a busy worker (80 M) a bool per
-        # prefix and the prefixes of all ids took 1.3 GB for a moment at each compaction
-        for i in range(0, n, REINDEX_CHUNK):
+            self._mark_shift = np.uint64(64 - mark_bits)
+            # bit k of byte j: prefix 8j + k
+            self._marks = np.zeros((1 << mark_bits) // 8, dtype=np.uint8)
+            self._mark(self.ids)
+        widest = int(np.diff(self._fence).max()) if n else 0
+        self._steps = [1 << k for k in reversed(range(widest.bit_length()))]
+        self.oldest = int(self.buckets.min()) if n else None
+
+    def _mark(self, ids: np.ndarray) -> None:
+        # set the prefix bits of sorted ``ids``, REINDEX_CHUNK at a time: at a day's ids of a
+        # busy worker (80 M) a bool per prefix and the prefixes of all ids took 1.3 GB for a
+        # moment at each compaction
+        marks = self._marks
+        for i in range(0, len(ids), REINDEX_CHUNK):
             prefix = ids[i:i + REINDEX_CHUNK] >> self._mark_shift  # sorted, as the ids are
             byte = (prefix >> np.uint64(3)).astype(np.int64)
             bit = np.left_shift(np.uint8(1), (prefix & np.uint64(7)).astype(np.uint8))
             first = np.flatnonzero(np.concatenate(([True], byte[1:] != byte[:-1])))
             # OR of the bits of each byte's prefixes: a prefix held twice counts once
-            ors = np.bitwise_or.reduceat(bit, first)
-            marks[byte[first]] |= ors
-        self._marks = marks
-        widest = int(np.diff(self._fence).max()) if n else 0
-        self._steps = [1 << k for k in reversed(range(widest.bit_length()))]
-        self.oldest = int(self.buckets.min()) if n else None
+            marks[byte[first]] |= np.bitwise_or.reduceat(bit, first)
 
     def positions(self, digests: Sequence[int] | np.ndarray) -> np.ndarray:
         """Where each digest is in ``ids``, -1 where it is not."""
@@ -166,9 +186,10 @@ class _ColdIds:
         if self.offsets is not None:
             added = offsets[order] if offsets is not None else np.full(len(digests), -1, dtype=np.int64)
             self.offsets = np.insert(self.offsets, at, added)
+        before = len(self.ids)
         self.ids = np.insert(self.ids, at, digests)
         self.buckets = np.insert(self.buckets, at, buckets)
-        self._reindex()
+        self._reindex(digests, before)
 
     def drop_upto(self, last: int) -> list[int]:
         """Forget the ids of buckets up to ``last``; returns those buckets."""

@@ -248,3 +248,37 @@ def test_compact_store_index_built_in_chunks_equals_the_whole_array_one() -> Non
             assert bool((at[: len(held)] >= 0).all()) and bool((at[len(held):] < 0).all())
     finally:
         dedup.REINDEX_CHUNK = saved
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=12), st.integers(0, 2**20))
+def test_compact_store_index_brought_up_to_date_equals_a_rebuild(sizes: list[int], seed: int) -> None:
+    # each add brings the index up to date from the ids added alone while its shape holds;
+    # it must be the index a rebuild from every id gives, and find exactly the ids held
+    import random
+
+    import numpy as np
+
+    from streams.dedup import _ColdIds
+
+    rng = random.Random(seed)
+    cold = _ColdIds()
+    held: list[int] = []
+    for size in sizes:
+        part = [rng.getrandbits(64) for _ in range(size)]
+        if held and rng.random() < 0.5:  # a neighbour of an id held: the same prefixes
+            part[0] = (held[0] + 1) % 2**64
+        part = sorted(set(part) - set(held))
+        cold.add(np.asarray(part, dtype=np.uint64), np.full(len(part), rng.randrange(10), dtype=np.int64))
+        held += part
+        rebuilt = _ColdIds()
+        rebuilt.ids, rebuilt.buckets = cold.ids.copy(), cold.buckets.copy()
+        rebuilt._reindex()
+        assert np.array_equal(cold._fence, rebuilt._fence) and cold._fence.dtype == rebuilt._fence.dtype
+        assert np.array_equal(cold._marks, rebuilt._marks)
+        assert (cold._bits, cold._mark_bits, cold._steps, cold.oldest) == (
+            rebuilt._bits, rebuilt._mark_bits, rebuilt._steps, rebuilt.oldest)
+        others = [rng.getrandbits(64) for _ in range(50)]
+        at = cold.positions(held + others)
+        assert bool((at[: len(held)] >= 0).all())
+        assert [p >= 0 for p in at[len(held):].tolist()] == [o in set(held) for o in others]
