@@ -93,13 +93,13 @@ class _ColdIds:
         # being rebuilt from every id (seconds at tens of millions); both give the same arrays
         n = len(self.ids)
         bits, mark_bits = self._shape(n)
-        incremental = (added is not None and before > 0
-                       and (bits, mark_bits) == self._shape(before) == (self._bits, self._mark_bits))
+        if before <= 0 or not (bits, mark_bits) == self._shape(before) == (self._bits, self._mark_bits):
+            added = None  # the shape changed (or nothing was indexed): rebuild from every id
         self._bits, self._mark_bits = bits, mark_bits
         dtype = np.int32 if n < 2**31 else np.int64
         if not bits:
             self._fence = np.array([0, n], dtype=np.int64)
-        elif incremental and added is not None:
+        elif added is not None:
             counts = np.bincount((added >> self._shift).astype(np.int64), minlength=1 << bits)
             grown = np.concatenate(([0], np.cumsum(counts)))
             self._fence = (self._fence.astype(np.int64) + grown).astype(dtype)
@@ -107,7 +107,7 @@ class _ColdIds:
             self._shift = np.uint64(64 - bits)
             starts = np.arange(1 << bits, dtype=np.uint64) << self._shift
             self._fence = np.append(np.searchsorted(self.ids, starts), n).astype(dtype)
-        if incremental and added is not None:
+        if added is not None:
             self._mark(added)
         else:
             self._mark_shift = np.uint64(64 - mark_bits)
@@ -408,19 +408,18 @@ class EventIdFilter:
             hit = uniq[place] == moved
             result[hit] = rev_offs[first[place[hit]]]
         # keep every run's entries of the ids that stay (those of the newest bucket), in order
-        order = np.sort(moved)
-        gone = order[np.minimum(np.searchsorted(order, ds_all), len(order) - 1)] == ds_all
+        gone = np.isin(ds_all, moved)
         kept: list[tuple[int, list[int], int | Sequence[int]]] = []
         start = 0
         for (bucket, ds, offs), n in zip(runs, sizes, strict=True):
             mask = gone[start:start + n]
-            start += n
             if not mask.any():
                 kept.append((bucket, ds, offs))
             elif not mask.all():
-                stay = np.flatnonzero(~mask).tolist()
-                kept.append((bucket, [ds[i] for i in stay], offs if isinstance(offs, int)
-                             else _run_offsets(offs, n)[stay].tolist()))
+                stay = np.flatnonzero(~mask)
+                kept.append((bucket, [ds[i] for i in stay.tolist()], offs if isinstance(offs, int)
+                             else offs_all[start:start + n][stay].tolist()))
+            start += n
         self._runs = kept
         self._first_offset, self._folded = {}, 0  # rebuilt from the runs left, when needed
         return result
