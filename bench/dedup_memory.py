@@ -36,9 +36,16 @@ __all__ = ["main"]
 
 H = 3_600_000
 PER_MESSAGE = 500
-# the window stage's filter with 1-hour windows and no extra lateness (window_ids_horizon)
-WINDOW_HORIZON_MS = 2 * H + 600_000
-WINDOW_BUCKET_MS = 600_000
+
+
+def _shape(window_stage: bool) -> tuple[int, int]:
+    """(horizon, bucket) in ms of the filter measured: the worker's, with default settings."""
+    if not window_stage:
+        return 24 * H, H
+    from metering.config import load_settings
+    from streams.agents import window_ids_horizon
+
+    return window_ids_horizon(load_settings())
 
 
 def build(ids: int, buckets: int, compact_at: int | None, seed: int,
@@ -49,9 +56,8 @@ def build(ids: int, buckets: int, compact_at: int | None, seed: int,
     rng = random.Random(seed)
     gc.collect()
     tracemalloc.start()
-    bucket_ms = WINDOW_BUCKET_MS if window_stage else H
-    f = (EventIdFilter(horizon_ms=WINDOW_HORIZON_MS, bucket_ms=bucket_ms, compact_at=compact_at)
-         if window_stage else EventIdFilter(horizon_ms=24 * H, compact_at=compact_at))
+    horizon_ms, bucket_ms = _shape(window_stage)
+    f = EventIdFilter(horizon_ms=horizon_ms, bucket_ms=bucket_ms, compact_at=compact_at)
     per_bucket = ids // buckets
     offset = 0
     for b in range(buckets):
@@ -100,7 +106,7 @@ def run(ids: int, buckets: int, rounds: int, window_stage: bool = False) -> dict
     compact, compact_bytes = build(ids, buckets, COMPACT_AT, seed=1, window_stage=window_stage)
     plain, plain_bytes = build(ids, buckets, None, seed=1, window_stage=window_stage)
     rng = random.Random(2)
-    newest = (buckets - 1) * (WINDOW_BUCKET_MS if window_stage else H)
+    newest = (buckets - 1) * _shape(window_stage)[1]
     times: dict[str, list[float]] = {"compact": [], "set": []}
     for _ in range(rounds):
         times["compact"].append(check_cost(compact, newest, 200, rng))
