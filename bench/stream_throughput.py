@@ -721,12 +721,11 @@ def run_benchmark(
 
         # the round with the median ratio speaks for the run: the host's other tenants swing
         # every figure by up to half within a minute, one round can be lucky or unlucky
-        ranked = sorted(rounds_out, key=lambda r: r["stage_over_raw_aiokafka"])
-        middle = ranked[(len(ranked) - 1) // 2]
+        middle = _median_round(rounds_out, "stage_over_raw_aiokafka")
         fill, stage = middle["fill"], middle["stream_stage"]
         raw_before, raw_after = middle["raw_aiokafka_before"], middle["raw_aiokafka_after"]
         # the same for the naive factor, each round's stage against the naive run after it
-        naive_middle = sorted(rounds_out, key=lambda r: r["stage_over_naive"])[(len(rounds_out) - 1) // 2]
+        naive_middle = _median_round(rounds_out, "stage_over_naive")
         naive = naive_middle["naive_agent"]
 
         raw_mean = middle["raw_aiokafka_mean_samples_per_s"]
@@ -776,6 +775,11 @@ def run_benchmark(
             shutil.rmtree(wd, ignore_errors=True)
         elif not ok:
             print(f"stream_throughput: logs kept in {wd}", file=sys.stderr)
+
+
+def _median_round(rounds: list[dict[str, Any]], ratio: str) -> dict[str, Any]:
+    """The round whose ``ratio`` is the median (the lower middle one of an even count)."""
+    return sorted(rounds, key=lambda r: float(r[ratio]))[(len(rounds) - 1) // 2]
 
 
 def _print(report: dict[str, Any]) -> None:
