@@ -11,7 +11,8 @@ import sys
 from collections.abc import Sequence
 
 BENCHMARKS = [
-    "bench.client_latency", "bench.codec_decode", "bench.dedup_memory", "bench.gc_decode",
+    "bench.client_latency", "bench.codec_decode", "bench.dedup_memory", "bench.dedup_restore",
+    "bench.gc_decode",
     "bench.stream_compute",
     "bench.stream_throughput",
     "bench.clickhouse_sink",

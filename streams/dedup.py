@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 from xxhash import xxh3_64_intdigest
 
-__all__ = ["COMPACT_AT", "EventIdFilter", "TableBackedFilters", "digest", "digests", "saved_entries"]
+__all__ = [
+    "COMPACT_AT", "EventIdFilter", "TableBackedFilters", "digest", "digests", "saved_arrays", "saved_entries",
+]
 
 _BUCKET_MS = 3_600_000
 #: ids in a filter's older buckets beyond which they move to the compact store (about 70 MB of
@@ -178,6 +180,16 @@ class _ColdIds:
 
     def add(self, digests: np.ndarray, buckets: np.ndarray, offsets: np.ndarray | None = None) -> None:
         """Add digests not held yet, each with its bucket (and first offset, -1 for none)."""
+        if not len(self.ids):
+            # into an empty store (a restore): no insertion, and no sort when already sorted
+            if len(digests) > 1 and not bool((digests[1:] > digests[:-1]).all()):
+                order = np.argsort(digests, kind="stable")
+                digests, buckets = digests[order], buckets[order]
+                offsets = offsets[order] if offsets is not None else None
+            self.ids, self.buckets = digests, buckets
+            self.offsets = offsets if offsets is not None and bool((offsets >= 0).any()) else None
+            self._reindex()
+            return
         order = np.argsort(digests, kind="stable")
         digests, buckets = digests[order], buckets[order]
         at = np.searchsorted(self.ids, digests)
@@ -338,7 +350,8 @@ class EventIdFilter:
             self._newest_bucket = bucket
 
     def load(self, bucket: int, digests: Iterable[int], offsets: Iterable[int] = ()) -> None:
-        """Restore ids saved earlier (from the table, on first use of a partition).
+        """Restore ids saved earlier, one saved entry at a time (a worker restores a partition
+        with :meth:`restore`, in bulk).
 
         An id saved in two buckets stays in the newer one (the longer protection)."""
         ds = list(digests)
@@ -367,6 +380,121 @@ class EventIdFilter:
         if self._newest_bucket is None or bucket > self._newest_bucket:
             self._newest_bucket = bucket
         self._maybe_compact()
+
+    def restore(self, entries: Iterable[tuple[int, np.ndarray, np.ndarray | None]]) -> None:
+        """Restore saved ids in bulk, into an empty filter: what :meth:`load` of each entry
+        in turn gives, in one pass of array operations instead of set work and compactions per
+        entry (a restarted worker's partition holds up to a day of ids: tens of millions).
+
+        ``entries``: (bucket, digests, their offsets or None), as saved. An id saved in
+        several buckets is kept in the newest (the longer protection); its first offset is
+        the last one recorded for it, as the id -> offset map built from every entry in turn
+        gives it. Older buckets go to the compact store when they hold ``compact_at`` ids or
+        more, as :meth:`load` leaves them after the last entry.
+
+        One difference, once buckets expire: :meth:`load` forgets an offset with the bucket
+        of the entry that recorded it, even while the id lives on in a newer bucket; here the
+        offset stays with the id. Only an id saved with offsets in two buckets tells them
+        apart, and no worker saves one: the window stage buckets an id by its event time,
+        and the normalizer records no offsets.
+        """
+        if len(self) or self._buckets or self._runs:
+            raise ValueError("restore() needs an empty filter")
+        loaded: list[int] = []  # every entry's bucket, in order, empty ones too
+        # by bucket: each entry's digests, offsets (None: none recorded) and the place of its
+        # first id in entry order (the last recorded offset of an id is the one at the
+        # largest place)
+        groups: dict[int, list[tuple[np.ndarray, np.ndarray | None, int]]] = {}
+        place = 0
+        for bucket, ids, offsets in entries:
+            loaded.append(bucket)
+            n = len(ids)
+            if n:
+                offs = (None if offsets is None or not len(offsets)
+                        else _run_offsets(np.asarray(offsets, dtype=np.int64), n))
+                groups.setdefault(bucket, []).append((np.asarray(ids, dtype=np.uint64), offs, place))
+                place += n
+        if not loaded:
+            return
+        self._newest_bucket = newest = max(loaded)
+        for bucket in loaded:
+            self._buckets.setdefault(bucket, [])
+        if not groups:
+            return
+        with_offsets = any(offs is not None for parts in groups.values() for _, offs, _ in parts)
+        distinct = np.asarray(sorted(groups), dtype=np.int64)
+        runs: list[np.ndarray] = []
+        places: list[np.ndarray] = []
+        by_place = np.full(place, -1, dtype=np.int64) if with_offsets else None  # offsets, in entry order
+        place_type = np.int32 if place < 2**31 else np.int64  # places take half the memory
+        for bucket in distinct.tolist():
+            parts = groups.pop(bucket)
+            run = np.concatenate([ids for ids, _, _ in parts])
+            if by_place is None:
+                # sorted a bucket at a time, then merged below: half the time of one argsort
+                # of every id (a day of the normalizer's is tens of millions)
+                run.sort()
+            else:
+                at = np.concatenate([np.arange(start, start + len(ids), dtype=place_type)
+                                     for ids, _, start in parts])
+                for ids, offs, start in parts:
+                    if offs is not None:
+                        by_place[start:start + len(ids)] = offs
+                order = np.argsort(run)
+                run, at = run[order], at[order]
+                places.append(at)
+            runs.append(run)
+        sizes = [len(run) for run in runs]
+        ds = np.concatenate(runs)
+        del runs
+        # stable: merges the buckets' sorted runs, and keeps an id's records in bucket order
+        order = np.argsort(ds, kind="stable")
+        ds = ds[order]
+        first = np.flatnonzero(np.concatenate(([True], ds[1:] != ds[:-1])))
+        ids = ds[first]
+        del ds
+        # the buckets are in ascending order, so an id's newest bucket is its last record's
+        ranks = np.repeat(np.arange(len(distinct), dtype=np.int32), sizes)[order]
+        last_record = np.append(first[1:], len(ranks)) - 1
+        buckets = distinct[ranks[last_record]]
+        del ranks
+        first_offsets: np.ndarray | None = None
+        if by_place is not None:
+            at = np.concatenate(places)[order]
+            del places
+            recorded = np.where(by_place[at] >= 0, at, place_type(-1))
+            latest = np.maximum.reduceat(recorded, first)
+            first_offsets = np.where(latest >= 0, by_place[np.maximum(latest, 0)], -1)
+            del at, recorded, latest
+        del order
+        hot = buckets == newest
+        older = len(ids) - int(np.count_nonzero(hot))
+        if self.compact_at is not None and len(self._buckets) >= 2 and older >= self.compact_at:
+            cold = ~hot
+            self._cold.add(ids[cold], buckets[cold], first_offsets[cold] if first_offsets is not None
+                           else None)
+            for bucket in [b for b in self._buckets if b != newest]:
+                del self._buckets[bucket]  # as compact() leaves them
+            ids, buckets = ids[hot], buckets[hot]
+            if first_offsets is not None:
+                first_offsets = first_offsets[hot]
+        if not len(ids):
+            return
+        # the ids kept in the set, bucket by bucket, with their offsets as runs
+        by_bucket = np.argsort(buckets)  # a bucket's order of ids does not matter
+        ids, buckets = ids[by_bucket], buckets[by_bucket]
+        if first_offsets is not None:
+            first_offsets = first_offsets[by_bucket]
+        cuts = np.flatnonzero(np.concatenate(([True], buckets[1:] != buckets[:-1], [True])))
+        for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist(), strict=True):
+            bucket = int(buckets[lo])
+            members = ids[lo:hi].tolist()
+            self._buckets[bucket] = members
+            self._known.update(members)
+            if first_offsets is not None:
+                run = first_offsets[lo:hi]
+                if bool((run >= 0).any()):
+                    self._runs.append((bucket, members, run.tolist()))
 
     def compact(self) -> int:
         """Move the ids of every bucket but the newest to the compact store (a quarter of the
@@ -479,7 +607,7 @@ class EventIdFilter:
         return dropped
 
 
-def _run_offsets(offs: int | Sequence[int], n: int) -> np.ndarray:
+def _run_offsets(offs: int | Sequence[int] | np.ndarray, n: int) -> np.ndarray:
     # a run's offsets, one per id: one for all, or a saved chunk's (as many as its ids;
     # -1 pads one that is short, as the map built from runs skips the missing ones)
     if isinstance(offs, int):
@@ -499,6 +627,23 @@ def saved_entries(
             offsets = value.get("offsets")
             yield (key, int(value["bucket"]), _unpack("Q", value["ids"]).tolist(),
                    _unpack("q", offsets).tolist() if offsets else [])
+
+
+def saved_arrays(
+    data: Mapping[Any, Any], prefix: str
+) -> Iterator[tuple[str, int, np.ndarray, np.ndarray | None]]:
+    """:func:`saved_entries` as arrays, for :meth:`EventIdFilter.restore`: (key, bucket,
+    digests, offsets or None)."""
+    for key, value in list(data.items()):
+        if isinstance(key, str) and key.startswith(prefix) and value:
+            offsets = value.get("offsets")
+            yield (key, int(value["bucket"]), _unpack_array("<u8", value["ids"]),
+                   _unpack_array("<i8", offsets) if offsets else None)
+
+
+def _unpack_array(dtype: str, text: str) -> np.ndarray:
+    # read-only views of the decoded bytes in the saved (little-endian) order, native order out
+    return np.frombuffer(base64.b64decode(text), dtype=dtype).astype(dtype[1:], copy=False)
 
 
 def _pack(values: array[int]) -> str:
@@ -546,9 +691,15 @@ class TableBackedFilters:
         if f is None:
             f = self._filters[part] = EventIdFilter(self._horizon_ms, self._bucket_ms, self._compact_at)
             keys = self._keys[part] = {}
-            for key, bucket, ids, offsets in saved_entries(self._data, f"{self._prefix}{part}:"):
-                f.load(bucket, ids, offsets)
-                keys.setdefault(bucket, []).append(key)
+
+            def entries() -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+                # a generator, so restore() holds each entry's arrays only until it has
+                # gathered them
+                for key, bucket, ids, offsets in saved_arrays(self._data, f"{self._prefix}{part}:"):
+                    keys.setdefault(bucket, []).append(key)
+                    yield bucket, ids, offsets
+
+            f.restore(entries())
         return f
 
     def save(self, part: int, tag: int) -> None:

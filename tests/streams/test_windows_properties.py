@@ -18,7 +18,7 @@ from metering.config import DEFAULT_SCORE_WEIGHTS
 from streams import windows
 from streams.aggregations import new_state
 from streams.columns import Columns
-from streams.dedup import EventIdFilter, digests, saved_entries
+from streams.dedup import EventIdFilter, digests, saved_arrays
 from streams.windows import PartitionWindows, WindowConfig
 
 SIZES = (10_000, 30_000)
@@ -78,8 +78,7 @@ def run(messages: list[list[dict]], lateness: int, crash_at: int | list[int] | N
 
     def restored_ids() -> EventIdFilter:
         f = EventIdFilter(horizon_ms=10**9, bucket_ms=60_000, compact_at=compact_at)
-        for _k, bucket, ids, offs in saved_entries(table, "w0:"):
-            f.load(bucket, ids, offs)
+        f.restore((bucket, ids, offs) for _k, bucket, ids, offs in saved_arrays(table, "w0:"))
         return f
 
     pw = PartitionWindows(cfg, ids=restored_ids())
