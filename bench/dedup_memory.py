@@ -26,7 +26,7 @@ import gc
 import random
 import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from bench import publish_report
@@ -36,6 +36,7 @@ __all__ = ["main"]
 
 H = 3_600_000
 PER_MESSAGE = 500
+BATCH = 100  # messages between saves, as the normalizer takes them
 
 
 def _shape(window_stage: bool) -> tuple[int, int]:
@@ -58,24 +59,35 @@ def build(ids: int, buckets: int, compact_at: int | None, seed: int,
     tracemalloc.start()
     horizon_ms, bucket_ms = _shape(window_stage)
     f = EventIdFilter(horizon_ms=horizon_ms, bucket_ms=bucket_ms, compact_at=compact_at)
-    per_bucket = ids // buckets
-    offset = 0
-    for b in range(buckets):
-        for start in range(0, per_bucket, PER_MESSAGE):
-            n = min(PER_MESSAGE, per_bucket - start)
-            f.fresh(None, b * bucket_ms, offset if window_stage else -1,
-                    ids_digests=[rng.getrandbits(64) for _ in range(n)])
-            offset += 1
-            if start % 50_000 == 0:  # a batch saved: the worker drains, then expires (and compacts)
-                for _ in f.drain():
-                    pass
-                f.expire()
+    for _, batch_end in fill(f, ids, buckets, window_stage, rng):
+        if batch_end:  # a batch saved: the worker drains, then expires (and compacts)
+            for _ in f.drain():
+                pass
+            f.expire()
     for _ in f.drain():
         pass
     f.expire()
     size, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return f, size
+
+
+def fill(f: EventIdFilter, ids: int, buckets: int, window_stage: bool,
+         rng: random.Random) -> Iterator[tuple[int, bool]]:
+    """Pass ``ids`` new random digests through ``f`` (``fresh``), ``PER_MESSAGE`` a message,
+    as many in each of ``buckets`` buckets; after each message, yield its number and whether
+    it ends a batch of ``BATCH`` (when the worker saves). The window stage's filter records
+    each message's offset (its number)."""
+    bucket_ms = _shape(window_stage)[1]
+    per_bucket = ids // buckets
+    message = 0
+    for b in range(buckets):
+        for start in range(0, per_bucket, PER_MESSAGE):
+            n = min(PER_MESSAGE, per_bucket - start)
+            f.fresh(None, b * bucket_ms, message if window_stage else -1,
+                    ids_digests=[rng.getrandbits(64) for _ in range(n)])
+            message += 1
+            yield message, message % BATCH == 0
 
 
 def check_cost(f: EventIdFilter, at_ms: int, messages: int, rng: random.Random) -> float:
@@ -140,20 +152,27 @@ def _print(r: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point (also used by ``python -m bench``)."""
-    p = argparse.ArgumentParser(prog="dedup_memory", description=__doc__,
+    return _filter_main("dedup_memory", __doc__, run, _print, 5, argv)
+
+
+def _filter_main(name: str, doc: str | None, run: Callable[[int, int, int, bool], dict[str, Any]],
+                 show: Callable[[dict[str, Any]], None], rounds: int, argv: Sequence[str] | None) -> int:
+    """The command line of a benchmark of one partition's id filter (this one's, and
+    ``bench.dedup_restore``'s): ``run(ids, buckets, rounds, window_stage)`` gives its report."""
+    p = argparse.ArgumentParser(prog=name, description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ids", type=int, default=4_000_000)
     p.add_argument("--buckets", type=int, default=None,
                    help="default 6 (the normalizer's hourly buckets) or 13 (the window stage's)")
     p.add_argument("--window-stage", action="store_true",
                    help="the window stage's filter: offsets, 10-minute buckets, 2 h 10 min")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
-    report = {"benchmark": "dedup_memory", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    report = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               **run(args.ids, args.buckets or (13 if args.window_stage else 6), args.rounds,
                     args.window_stage)}
-    return publish_report("dedup_memory", report, None, args.json, _print)
+    return publish_report(name, report, None, args.json, show)
 
 
 if __name__ == "__main__":

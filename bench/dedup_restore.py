@@ -15,7 +15,6 @@ worker runs meanwhile.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import random
 import time
@@ -23,14 +22,10 @@ import tracemalloc
 from collections.abc import Sequence
 from typing import Any
 
-from bench import publish_report
-from bench.dedup_memory import PER_MESSAGE, _shape
+from bench.dedup_memory import _filter_main, _shape, fill
 from streams.dedup import COMPACT_AT, EventIdFilter, TableBackedFilters, saved_entries
 
 __all__ = ["main"]
-
-BATCH = 100  # messages between saves, as the normalizer takes them
-
 
 def table(ids: int, buckets: int, window_stage: bool, seed: int = 1) -> tuple[dict[str, Any], int]:
     """The changelog table's entries of one partition (prefix ``p0:``) holding about ``ids``
@@ -39,18 +34,11 @@ def table(ids: int, buckets: int, window_stage: bool, seed: int = 1) -> tuple[di
     data: dict[str, Any] = {}
     filters = TableBackedFilters(data, lambda part, key, value: None, "p", horizon_ms, bucket_ms=bucket_ms)
     f = filters.get(0)
-    rng = random.Random(seed)
-    per_bucket = ids // buckets
     message = 0
-    for b in range(buckets):
-        for start in range(0, per_bucket, PER_MESSAGE):
-            n = min(PER_MESSAGE, per_bucket - start)
-            f.fresh(None, b * bucket_ms, message if window_stage else -1,
-                    ids_digests=[rng.getrandbits(64) for _ in range(n)])
-            message += 1
-            if message % BATCH == 0:
-                filters.save(0, message)
-    filters.save(0, message)
+    for message, batch_end in fill(f, ids, buckets, window_stage, random.Random(seed)):
+        if batch_end:
+            filters.save(0, message)
+    filters.save(0, message + 1)
     return data, len(f)
 
 
@@ -119,20 +107,7 @@ def _print(r: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point (also used by ``python -m bench``)."""
-    p = argparse.ArgumentParser(prog="dedup_restore", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ids", type=int, default=4_000_000)
-    p.add_argument("--buckets", type=int, default=None,
-                   help="default 6 (the normalizer's hourly buckets) or 13 (the window stage's)")
-    p.add_argument("--window-stage", action="store_true",
-                   help="the window stage's filter: offsets, 10-minute buckets, 2 h 10 min")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = p.parse_args(argv)
-    report = {"benchmark": "dedup_restore", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              **run(args.ids, args.buckets or (13 if args.window_stage else 6), args.rounds,
-                    args.window_stage)}
-    return publish_report("dedup_restore", report, None, args.json, _print)
+    return _filter_main("dedup_restore", __doc__, run, _print, 3, argv)
 
 
 if __name__ == "__main__":
