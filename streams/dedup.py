@@ -689,8 +689,8 @@ class TableBackedFilters:
         """The filter of a partition, restored from the table on first use."""
         f = self._filters.get(part)
         if f is None:
-            f = self._filters[part] = EventIdFilter(self._horizon_ms, self._bucket_ms, self._compact_at)
-            keys = self._keys[part] = {}
+            f = EventIdFilter(self._horizon_ms, self._bucket_ms, self._compact_at)
+            keys: dict[int, list[str]] = {}
 
             def entries() -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
                 # a generator, so restore() holds each entry's arrays only until it has
@@ -700,6 +700,9 @@ class TableBackedFilters:
                     yield bucket, ids, offsets
 
             f.restore(entries())
+            # only a filter restored whole is used: one missing some of the saved ids would
+            # pass their duplicates (a restore that fails is tried again at the next use)
+            self._filters[part], self._keys[part] = f, keys
         return f
 
     def save(self, part: int, tag: int) -> None:
