@@ -421,52 +421,7 @@ class EventIdFilter:
             self._buckets.setdefault(bucket, [])
         if not groups:
             return
-        with_offsets = any(offs is not None for parts in groups.values() for _, offs, _ in parts)
-        distinct = np.asarray(sorted(groups), dtype=np.int64)
-        runs: list[np.ndarray] = []
-        places: list[np.ndarray] = []
-        by_place = np.full(place, -1, dtype=np.int64) if with_offsets else None  # offsets, in entry order
-        place_type = np.int32 if place < 2**31 else np.int64  # places take half the memory
-        for bucket in distinct.tolist():
-            parts = groups.pop(bucket)
-            run = np.concatenate([ids for ids, _, _ in parts])
-            if by_place is None:
-                # sorted a bucket at a time, then merged below: half the time of one argsort
-                # of every id (a day of the normalizer's is tens of millions)
-                run.sort()
-            else:
-                at = np.concatenate([np.arange(start, start + len(ids), dtype=place_type)
-                                     for ids, _, start in parts])
-                for ids, offs, start in parts:
-                    if offs is not None:
-                        by_place[start:start + len(ids)] = offs
-                order = np.argsort(run)
-                run, at = run[order], at[order]
-                places.append(at)
-            runs.append(run)
-        sizes = [len(run) for run in runs]
-        ds = np.concatenate(runs)
-        del runs
-        # stable: merges the buckets' sorted runs, and keeps an id's records in bucket order
-        order = np.argsort(ds, kind="stable")
-        ds = ds[order]
-        first = np.flatnonzero(np.concatenate(([True], ds[1:] != ds[:-1])))
-        ids = ds[first]
-        del ds
-        # the buckets are in ascending order, so an id's newest bucket is its last record's
-        ranks = np.repeat(np.arange(len(distinct), dtype=np.int32), sizes)[order]
-        last_record = np.append(first[1:], len(ranks)) - 1
-        buckets = distinct[ranks[last_record]]
-        del ranks
-        first_offsets: np.ndarray | None = None
-        if by_place is not None:
-            at = np.concatenate(places)[order]
-            del places
-            recorded = np.where(by_place[at] >= 0, at, place_type(-1))
-            latest = np.maximum.reduceat(recorded, first)
-            first_offsets = np.where(latest >= 0, by_place[np.maximum(latest, 0)], -1)
-            del at, recorded, latest
-        del order
+        ids, buckets, first_offsets = _merge_saved(groups, place)
         hot = buckets == newest
         older = len(ids) - int(np.count_nonzero(hot))
         if self.compact_at is not None and len(self._buckets) >= 2 and older >= self.compact_at:
@@ -605,6 +560,62 @@ class EventIdFilter:
             self._runs = [run for run in self._runs if run[0] not in gone]
             self._first_offset, self._folded = {}, 0  # rebuilt from the runs left, when needed
         return dropped
+
+
+def _merge_saved(
+    groups: dict[int, list[tuple[np.ndarray, np.ndarray | None, int]]], place: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Saved entries by bucket (digests, offsets or None, place of the first id in entry
+    order; ``place``: how many ids in all), merged: each distinct id once, sorted, with its
+    newest bucket and its last recorded offset (-1: none; None when no entry has offsets).
+    Empties ``groups``."""
+    with_offsets = any(offs is not None for parts in groups.values() for _, offs, _ in parts)
+    distinct = np.asarray(sorted(groups), dtype=np.int64)
+    runs: list[np.ndarray] = []
+    places: list[np.ndarray] = []
+    by_place = np.full(place, -1, dtype=np.int64) if with_offsets else None  # offsets, in entry order
+    place_type = np.int32 if place < 2**31 else np.int64  # places take half the memory
+    for bucket in distinct.tolist():
+        parts = groups.pop(bucket)
+        run = np.concatenate([ids for ids, _, _ in parts])
+        if by_place is None:
+            # sorted a bucket at a time, then merged below: half the time of one argsort
+            # of every id (a day of the normalizer's is tens of millions)
+            run.sort()
+        else:
+            at = np.concatenate([np.arange(start, start + len(ids), dtype=place_type)
+                                 for ids, _, start in parts])
+            for ids, offs, start in parts:
+                if offs is not None:
+                    by_place[start:start + len(ids)] = offs
+            order = np.argsort(run)
+            run, at = run[order], at[order]
+            places.append(at)
+        runs.append(run)
+    sizes = [len(run) for run in runs]
+    ds = np.concatenate(runs)
+    del runs
+    # stable: merges the buckets' sorted runs, and keeps an id's records in bucket order
+    order = np.argsort(ds, kind="stable")
+    ds = ds[order]
+    first = np.flatnonzero(np.concatenate(([True], ds[1:] != ds[:-1])))
+    ids = ds[first]
+    del ds
+    # the buckets are in ascending order, so an id's newest bucket is its last record's
+    ranks = np.repeat(np.arange(len(distinct), dtype=np.int32), sizes)[order]
+    last_record = np.append(first[1:], len(ranks)) - 1
+    buckets = distinct[ranks[last_record]]
+    del ranks
+    first_offsets: np.ndarray | None = None
+    if by_place is not None:
+        at = np.concatenate(places)[order]
+        del places
+        recorded = np.where(by_place[at] >= 0, at, place_type(-1))
+        latest = np.maximum.reduceat(recorded, first)
+        first_offsets = np.where(latest >= 0, by_place[np.maximum(latest, 0)], -1)
+        del at, recorded, latest
+    del order
+    return ids, buckets, first_offsets
 
 
 def _run_offsets(offs: int | Sequence[int] | np.ndarray, n: int) -> np.ndarray:
