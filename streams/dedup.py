@@ -428,8 +428,8 @@ class EventIdFilter:
             cold = ~hot
             self._cold.add(ids[cold], buckets[cold], first_offsets[cold] if first_offsets is not None
                            else None)
-            for bucket in [b for b in self._buckets if b != newest]:
-                del self._buckets[bucket]  # as compact() leaves them
+            for bucket in np.unique(buckets[cold]).tolist():
+                del self._buckets[bucket]  # as compact() leaves them (empty ones stay)
             ids, buckets = ids[hot], buckets[hot]
             if first_offsets is not None:
                 first_offsets = first_offsets[hot]
@@ -455,9 +455,12 @@ class EventIdFilter:
         """Move the ids of every bucket but the newest to the compact store (a quarter of the
         memory; checking a message's ids costs about twice as much, python -m bench
         dedup_memory); returns how many.
-        Nothing else changes: the same ids are known, in the same buckets."""
+        Nothing else changes: the same ids are known, in the same buckets.
+
+        A bucket left without ids (every one saved again in a newer bucket) stays, empty, so
+        that :meth:`expire` still reports it and its table entries are deleted."""
         newest = self._newest_bucket
-        old = [b for b in self._buckets if b != newest]
+        old = [b for b, members in self._buckets.items() if b != newest and members]
         if not old:
             return 0
         parts = [self._buckets.pop(b) for b in old]

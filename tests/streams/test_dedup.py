@@ -389,3 +389,38 @@ def test_a_partition_filter_is_used_only_once_restored_whole() -> None:
     del data["p0:0:2:0"]
     restored = filters.get(0)
     assert len(restored) == 20 and restored.fresh(["e3", "new"], 0) == [False, True]
+
+
+def test_a_bucket_whose_ids_were_all_saved_again_later_still_expires_from_the_table() -> None:
+    from streams.dedup import TableBackedFilters
+
+    data: dict[str, Any] = {
+        "p0:0:1:0": {"bucket": 0, "ids": _pack_digests(["a"])},
+        "p0:3600000:2:0": {"bucket": H, "ids": _pack_digests(["a", "b"])},
+    }
+    sent: list[tuple[str, Any]] = []
+    filters = TableBackedFilters(data, lambda p, k, v: sent.append((k, v)), "p", horizon_ms=2 * H,
+                                 bucket_ms=H, compact_at=0)
+    f = filters.get(0)  # restored in bulk and compacted: "a" lives on in bucket H
+    f.fresh(["c"], 2 * H)
+    f.compact()
+    f.fresh(["d"], 4 * H)
+    filters.save(0, 3)
+    assert "p0:0:1:0" not in data and ("p0:0:1:0", None) in sent  # deleted with its bucket
+
+
+def test_compacting_keeps_an_empty_bucket_until_it_expires() -> None:
+    f = EventIdFilter(horizon_ms=2 * H, bucket_ms=H, compact_at=None)
+    f.load(0, digests(["a"]))
+    f.load(H, digests(["a", "b"]))  # bucket 0 is left empty
+    f.load(2 * H, digests(["c"]))
+    assert f.compact() == 2 and f.compacted == 2
+    f.fresh(["d"], 4 * H)
+    assert 0 in f.expire()
+
+
+def _pack_digests(event_ids: list[str]) -> str:
+    import base64
+    from array import array
+
+    return base64.b64encode(array("Q", digests(event_ids)).tobytes()).decode()
