@@ -410,8 +410,7 @@ class EventIdFilter:
             loaded.append(bucket)
             n = len(ids)
             if n:
-                offs = (None if offsets is None or not len(offsets)
-                        else _run_offsets(np.asarray(offsets, dtype=np.int64), n))
+                offs = None if offsets is None or not len(offsets) else _run_offsets(offsets, n)
                 groups.setdefault(bucket, []).append((np.asarray(ids, dtype=np.uint64), offs, place))
                 place += n
         if not loaded:
@@ -424,7 +423,7 @@ class EventIdFilter:
         ids, buckets, first_offsets = _merge_saved(groups, place)
         hot = buckets == newest
         older = len(ids) - int(np.count_nonzero(hot))
-        if self.compact_at is not None and len(self._buckets) >= 2 and older >= self.compact_at:
+        if self._compacts(older):
             cold = ~hot
             self._cold.add(ids[cold], buckets[cold], first_offsets[cold] if first_offsets is not None
                            else None)
@@ -511,11 +510,13 @@ class EventIdFilter:
         return result
 
     def _maybe_compact(self) -> None:
-        if self.compact_at is None or len(self._buckets) < 2:
-            return
         newest = self._buckets.get(self._newest_bucket) if self._newest_bucket is not None else None
-        if len(self._known) - len(newest or ()) >= self.compact_at:
+        if self._compacts(len(self._known) - len(newest or ())):
             self.compact()
+
+    def _compacts(self, older: int) -> bool:
+        # whether buckets older than the newest, holding ``older`` ids, go to the compact store
+        return self.compact_at is not None and len(self._buckets) >= 2 and older >= self.compact_at
 
     def _first_offsets(self) -> dict[int, int]:
         # the id -> first offset map, brought up to date with the runs recorded since
@@ -635,19 +636,17 @@ def _run_offsets(offs: int | Sequence[int] | np.ndarray, n: int) -> np.ndarray:
 def saved_entries(
     data: Mapping[Any, Any], prefix: str
 ) -> Iterator[tuple[str, int, list[int], list[int]]]:
-    """Table entries under a key prefix (e.g. ``"p3:"``): (key, bucket, digests, offsets)."""
-    for key, value in list(data.items()):
-        if isinstance(key, str) and key.startswith(prefix) and value:
-            offsets = value.get("offsets")
-            yield (key, int(value["bucket"]), _unpack("Q", value["ids"]).tolist(),
-                   _unpack("q", offsets).tolist() if offsets else [])
+    """Table entries under a key prefix (e.g. ``"p3:"``): (key, bucket, digests, offsets),
+    as lists for :meth:`EventIdFilter.load`."""
+    for key, bucket, ids, offsets in saved_arrays(data, prefix):
+        yield key, bucket, ids.tolist(), offsets.tolist() if offsets is not None else []
 
 
 def saved_arrays(
     data: Mapping[Any, Any], prefix: str
 ) -> Iterator[tuple[str, int, np.ndarray, np.ndarray | None]]:
-    """:func:`saved_entries` as arrays, for :meth:`EventIdFilter.restore`: (key, bucket,
-    digests, offsets or None)."""
+    """Table entries under a key prefix (e.g. ``"p3:"``), for :meth:`EventIdFilter.restore`:
+    (key, bucket, digests, offsets or None)."""
     for key, value in list(data.items()):
         if isinstance(key, str) and key.startswith(prefix) and value:
             offsets = value.get("offsets")
@@ -665,13 +664,6 @@ def _pack(values: array[int]) -> str:
         values = array(values.typecode, values)
         values.byteswap()
     return base64.b64encode(values.tobytes()).decode()
-
-
-def _unpack(typecode: str, text: str) -> array[int]:
-    values = array(typecode, base64.b64decode(text))
-    if sys.byteorder != "little":
-        values.byteswap()
-    return values
 
 
 class TableBackedFilters:
@@ -707,8 +699,8 @@ class TableBackedFilters:
             keys: dict[int, list[str]] = {}
 
             def entries() -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
-                # a generator, so restore() holds each entry's arrays only until it has
-                # gathered them
+                # a generator: no list here keeps the entries' arrays alive while restore()
+                # merges them (it frees each bucket's once merged)
                 for key, bucket, ids, offsets in saved_arrays(self._data, f"{self._prefix}{part}:"):
                     keys.setdefault(bucket, []).append(key)
                     yield bucket, ids, offsets
