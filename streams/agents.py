@@ -33,6 +33,7 @@ from streams.columns import Columns
 from streams.dedup import EventIdFilter, TableBackedFilters, digests
 from streams.normalize import invalid_records
 from streams.offsets import RESEEK_AFTER_S, OffsetGuard, Verdict
+from streams.output import KafkaOutput
 from streams.tables import StreamTables
 from streams.topics import StreamTopics
 from streams.windows import FoldedMessage, MessageOutcome, PartitionWindows, WindowConfig, fold_message
@@ -216,6 +217,11 @@ def _lookup_key(payload: bytes) -> tuple[int, bytes, bytes]:
     return len(payload), payload[:64], payload[-64:]
 
 
+#: send(topic, key, value, partition=None): queue one message; awaiting the result waits for
+#: Kafka's acknowledgement
+_Send = Callable[..., Awaitable[Awaitable[Any]]]
+
+
 def _records_of(codec: Any, payload: bytes) -> list[Mapping[str, Any]]:
     records: list[Mapping[str, Any]] = codec.decode(payload)["records"]
     return records
@@ -248,9 +254,11 @@ def window_ids_horizon(settings: Settings) -> tuple[int, int]:
 
 
 def install_agents(
-    app: faust.App, topics: StreamTopics, tables: StreamTables, settings: Settings
+    app: faust.App, topics: StreamTopics, tables: StreamTables, settings: Settings,
+    bootstrap_servers: str,
 ) -> WindowState:
-    """Register the normalize and windows agents and the idle-close timer on ``app``."""
+    """Register the normalize and windows agents and the idle-close timer on ``app``; their
+    output goes to the Kafka cluster at ``bootstrap_servers``."""
     env_codec = envelope_codec()
     win_codec = window_codec()
     state = WindowState(window_config(settings))
@@ -260,8 +268,19 @@ def install_agents(
         if pending:
             await asyncio.gather(*pending)
 
-    async def send(topic: faust.TopicT, key: bytes | None, value: bytes) -> Awaitable[Any]:
-        return await topic.send(key=key, value=value)
+    # every output of both agents goes through librdkafka (see streams/output.py); Faust's
+    # own producer still writes the tables' changelogs, which its commits wait for
+    output = KafkaOutput(bootstrap_servers)
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def close_output(app: faust.App, **kwargs: Any) -> None:
+        left = await asyncio.to_thread(output.close)
+        if left:
+            log.error("output: %d messages not acknowledged by Kafka at shutdown", left)
+
+    async def send(topic: faust.TopicT, key: bytes | None, value: bytes,
+                   partition: int | None = None) -> Awaitable[Any]:
+        return await output.send(topic.get_topic_name(), key, value, partition)
 
     recent = RecentlyEncoded()
     dedup_table = tables.dedup
@@ -355,7 +374,7 @@ def install_agents(
                 "producer": origin, "sent_at_ms": sent_at,
                 "watermark_ms": env["watermark_ms"], "records": [],
             })
-            pending.append(await topics.records.send(value=mark, partition=part))
+            pending.append(await send(topics.records, None, mark, part))
 
     @app.agent(topics.sources, name="normalize")
     async def normalize(stream: Any) -> None:  # faust.Stream: StreamT lacks take_events
@@ -390,7 +409,7 @@ def install_agents(
                     msg.ack(app.consumer)
             except Exception:  # never let Faust ack-and-skip silently
                 log.exception("normalize: batch of %d failed; dead-lettering it", len(events))
-                await _dead_letter_all(topics, events, "normalize")
+                await _dead_letter_all(send, topics, events, "normalize")
                 for msg in done:
                     msg.ack(app.consumer)
 
@@ -472,16 +491,16 @@ def install_agents(
                         log.info("windows: %d late samples in %s[%d]@%d (closed_wm %s, replay %s, "
                                  "last %s)", len(outcome.late), msg.topic, part, msg.offset,
                                  pw.closed_wm, outcome.replayed, pw.last_offset)
-                        pending.extend(await _send_late(topics, env_codec, outcome.late))
+                        pending.extend(await _send_late(send, topics, env_codec, outcome.late))
                     # close after every message: lateness must not depend on batching
-                    pending.extend(await _emit(topics, win_codec, pw))
+                    pending.extend(await _emit(send, topics, win_codec, pw))
                     state.held[part].append((msg.offset, outcome.release_at, msg))
                 await settle(pending)
                 for part in touched:
                     persist_and_release(part)
             except Exception:
                 log.exception("windows: batch of %d failed; dead-lettering it", len(events))
-                await _dead_letter_all(topics, events, "windows")
+                await _dead_letter_all(send, topics, events, "windows")
 
     @app.timer(interval=max(1.0, settings.idle_close_seconds / 4))
     async def close_idle_windows() -> None:
@@ -492,7 +511,7 @@ def install_agents(
         for part, pw in list(state.partitions.items()):
             if pw.open and now - state.last_seen.get(part, now) >= settings.idle_close_seconds:
                 pw.promise(wall_ms - state.config.lateness_ms)
-                pending = await _emit(topics, win_codec, pw)
+                pending = await _emit(send, topics, win_codec, pw)
                 if pending:
                     await settle(pending)
                     if part in state.partitions:
@@ -546,16 +565,15 @@ async def _skip(app: faust.App, guard: OffsetGuard, verdict: Verdict, msg: Any) 
             await app.consumer.seek_wait({msg.tp: expected})
 
 
-async def _emit(topics: StreamTopics, codec: Any, pw: PartitionWindows) -> list[Awaitable[Any]]:
+async def _emit(send: _Send, topics: StreamTopics, codec: Any, pw: PartitionWindows) -> list[Awaitable[Any]]:
     out = []
     for result in pw.close_due():
-        out.append(await topics.windows.send(
-            key=result["tenant_id"].encode(), value=codec.encode(result)))
+        out.append(await send(topics.windows, result["tenant_id"].encode(), codec.encode(result)))
     return out
 
 
 async def _send_late(
-    topics: StreamTopics, codec: Any, late: list[Any]
+    send: _Send, topics: StreamTopics, codec: Any, late: list[Any]
 ) -> list[Awaitable[Any]]:
     by_tenant: dict[str, list[Any]] = defaultdict(list)
     for r in late:
@@ -566,13 +584,13 @@ async def _send_late(
             "envelope_id": uuid.uuid4().hex, "source": "late", "producer": "windows",
             "sent_at_ms": int(time.time() * 1000), "watermark_ms": None, "records": recs,
         })
-        out.append(await topics.late.send(key=tenant.encode(), value=payload))
+        out.append(await send(topics.late, tenant.encode(), payload))
     return out
 
 
-async def _dead_letter_all(topics: StreamTopics, events: Any, stage: str) -> None:
+async def _dead_letter_all(send: _Send, topics: StreamTopics, events: Any, stage: str) -> None:
     try:
-        futs = [await topics.dlq.send(value=_dead(ev, stage, "unexpected error, see worker log"))
+        futs = [await send(topics.dlq, None, _dead(ev, stage, "unexpected error, see worker log"))
                 for ev in events]
         await asyncio.gather(*futs)
     except Exception:

@@ -23,10 +23,9 @@ def create_app(settings: Settings, bootstrap_servers: str) -> faust.App:
         topic_replication_factor=max(settings.topic_replication_factor, 1),
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        # usage.records carries every sample a second time: compressed, it costs less CPU to
-        # write, store and fetch (the worker's Kafka work per sample about a quarter lower).
-        # Snappy, not lz4: aiokafka compresses lz4 at level 9 (LZ4HC, 110 MB/s on our
-        # envelopes, a tenth of the worker's time); snappy runs at 1.1 GB/s (ratio 4.7 vs 5.6)
+        # Faust's producer writes the tables' changelogs (the agents' outputs go through
+        # streams/output.py). Snappy, not lz4: aiokafka compresses lz4 at level 9 (LZ4HC,
+        # 110 MB/s on our envelopes); snappy runs at 1.1 GB/s
         producer_compression_type="snappy",
         # Tansu completes a group join after about half the session timeout
         broker_session_timeout=10.0,

@@ -26,7 +26,7 @@ def build_worker(settings: Settings, bootstrap_servers: str) -> tuple[faust.App,
     app = create_app(settings, bootstrap_servers)
     topics = declare_topics(app, settings)
     tables = declare_tables(app, settings)
-    state = install_agents(app, topics, tables, settings)
+    state = install_agents(app, topics, tables, settings, bootstrap_servers)
     quota = install_quota_agent(app, topics, settings)
     install_views(app, topics, settings, state, quota)
     return app, state
