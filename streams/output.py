@@ -67,18 +67,27 @@ class KafkaOutput:
             "partitioner": "murmur2_random",  # the Java client's, as aiokafka's default
         }
         conf.update(config or {})
-        self._producer = Producer(conf)
+        self._conf = conf
+        # made at the first send: a worker built but never run (or only inspected) opens no
+        # connection, and leaves none behind to log reconnect failures once its broker is gone
+        self._producer: Producer | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
 
-    def _start(self) -> None:
-        self._thread = threading.Thread(target=self._serve_reports, name="kafka-output", daemon=True)
+    def _start(self) -> Producer:
+        try:
+            producer = self._producer = Producer(self._conf)
+        except KafkaException as exc:
+            raise OutputError(f"cannot create the output producer: {exc}") from exc
+        self._thread = threading.Thread(target=self._serve_reports, args=(producer,),
+                                        name="kafka-output", daemon=True)
         self._thread.start()
+        return producer
 
-    def _serve_reports(self) -> None:
+    def _serve_reports(self, producer: Producer) -> None:
         while not self._stopping.is_set():
-            self._producer.poll(_POLL_S)
+            producer.poll(_POLL_S)
 
     async def send(self, topic: str, key: bytes | None, value: bytes,
                    partition: int | None = None) -> asyncio.Future[None]:
@@ -86,8 +95,7 @@ class KafkaOutput:
         (or fails with :class:`OutputError`)."""
         if self._closed:
             raise OutputError("the output producer is closed")
-        if self._thread is None:
-            self._start()
+        producer = self._producer or self._start()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
 
@@ -105,7 +113,7 @@ class KafkaOutput:
             kwargs["partition"] = partition
         while True:
             try:
-                self._producer.produce(topic, value, **kwargs)
+                producer.produce(topic, value, **kwargs)
                 return fut
             except BufferError:
                 # the local queue is full: Kafka is slower than the agents right now
@@ -114,15 +122,24 @@ class KafkaOutput:
                 raise OutputError(f"cannot produce to {topic}: {exc}") from exc
 
     def close(self, timeout_s: float = 30.0) -> int:
-        """Deliver what is queued (at most ``timeout_s``), then release the producer (its
-        connections and threads: kept past its broker, it would log a reconnect failure every
-        second); returns how many messages were still undelivered. Later sends fail."""
+        """Deliver what is queued (at most ``timeout_s``; what is left then is given up, its
+        futures failed), then release the producer (its connections and threads: kept past
+        its broker, it would log a reconnect failure every second); returns how many messages
+        were still undelivered. Later sends fail."""
         if self._closed:
             return 0
         self._closed = True
-        left: int = self._producer.flush(timeout_s)
+        producer = self._producer
+        if producer is None:
+            return 0
+        left: int = producer.flush(timeout_s)
+        if left:
+            # undeliverable for now: give them up (their futures fail), or destroying the
+            # producer would wait out message.timeout.ms (5 minutes) for them
+            producer.purge()
+            producer.flush(1.0)
         self._stopping.set()
         if self._thread is not None:
             self._thread.join()
-        self._producer.close()
+        producer.close()
         return left

@@ -5,6 +5,7 @@ waited out, failures as OutputError, and close delivering what is queued."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from typing import Any
@@ -146,3 +147,41 @@ def test_close_delivers_what_is_queued_and_later_sends_fail(broker: TansuBroker)
 
     asyncio.run(queue_then_close())
     assert [m.value() for m in _read_all(broker, topic, len(values), 1)] == values
+
+
+def test_an_output_never_sent_to_opens_no_connection(capfd: pytest.CaptureFixture[str]) -> None:
+    # a worker built but not run (tests inspect apps that way) must not leave a producer
+    # behind that logs a reconnect failure every second once the broker is gone
+    output = KafkaOutput(f"127.0.0.1:{_closed_port()}")
+    time.sleep(1.5)  # librdkafka would have tried (and logged) its first connect by now
+    assert output.close() == 0
+    assert "Connect to" not in capfd.readouterr().err
+
+
+def test_close_gives_up_what_cannot_be_delivered_and_fails_its_futures(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # no broker: the message stays queued. close() waits its timeout, then gives it up at
+    # once instead of destroying the producer only after message.timeout.ms (5 minutes)
+    output = KafkaOutput(f"127.0.0.1:{_closed_port()}", {"log_level": 3})
+
+    async def queue_then_close() -> None:
+        fut = await output.send("nowhere", None, b"x")
+        await asyncio.sleep(1.5)
+        started = time.monotonic()
+        assert await asyncio.to_thread(output.close, 0.5) == 1
+        assert time.monotonic() - started < 30
+        with pytest.raises(OutputError, match="delivery failed"):
+            await asyncio.wait_for(fut, 5)
+
+    asyncio.run(queue_then_close())
+    # the control for the test above: an output that sends does try to connect, and the
+    # refused connection shows on stderr
+    assert "Connect to" in capfd.readouterr().err
+
+
+def _closed_port() -> int:
+    # a loopback port nothing listens on: bound, then released
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
