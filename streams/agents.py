@@ -217,6 +217,21 @@ def _lookup_key(payload: bytes) -> tuple[int, bytes, bytes]:
     return len(payload), payload[:64], payload[-64:]
 
 
+class _OutputCloser(faust.Service):
+    """Closes the agents' output producer when the service it depends on stops."""
+
+    def __init__(self, output: KafkaOutput, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._output = output
+
+    async def on_stop(self) -> None:
+        left = await asyncio.to_thread(self._output.close)
+        if left:
+            log.error("output: %d messages not acknowledged by Kafka at shutdown", left)
+        else:
+            log.info("output: every message acknowledged; closed")
+
+
 #: send(topic, key, value, partition=None): queue one message; awaiting the result waits for
 #: Kafka's acknowledgement
 _Send = Callable[..., Awaitable[Awaitable[Any]]]
@@ -269,14 +284,11 @@ def install_agents(
             await asyncio.gather(*pending)
 
     # every output of both agents goes through librdkafka (see streams/output.py); Faust's
-    # own producer still writes the tables' changelogs, which its commits wait for
+    # own producer still writes the tables' changelogs, which its commits wait for. Closed
+    # with Faust's producer, which a worker stops after its agents, so a batch still being
+    # handled at shutdown can finish sending
     output = KafkaOutput(bootstrap_servers)
-
-    @app.on_before_shutdown.connect  # type: ignore[arg-type]
-    async def close_output(app: faust.App, **kwargs: Any) -> None:
-        left = await asyncio.to_thread(output.close)
-        if left:
-            log.error("output: %d messages not acknowledged by Kafka at shutdown", left)
+    app.producer.add_dependency(_OutputCloser(output))
 
     async def send(topic: faust.TopicT, key: bytes | None, value: bytes,
                    partition: int | None = None) -> Awaitable[Any]:
@@ -409,9 +421,11 @@ def install_agents(
                     msg.ack(app.consumer)
             except Exception:  # never let Faust ack-and-skip silently
                 log.exception("normalize: batch of %d failed; dead-lettering it", len(events))
-                await _dead_letter_all(send, topics, events, "normalize")
-                for msg in done:
-                    msg.ack(app.consumer)
+                # acked only once dead-lettered: acked without it, their samples would be
+                # neither billed nor anywhere to replay them from
+                if await _dead_letter_all(send, topics, events, "normalize"):
+                    for msg in done:
+                        msg.ack(app.consumer)
 
     table = tables.window_state
 
@@ -588,10 +602,14 @@ async def _send_late(
     return out
 
 
-async def _dead_letter_all(send: _Send, topics: StreamTopics, events: Any, stage: str) -> None:
+async def _dead_letter_all(send: _Send, topics: StreamTopics, events: Any, stage: str) -> bool:
+    # True once every event is in the dead-letter topic (acknowledged)
     try:
         futs = [await send(topics.dlq, None, _dead(ev, stage, "unexpected error, see worker log"))
                 for ev in events]
         await asyncio.gather(*futs)
     except Exception:
-        log.exception("%s: could not dead-letter a failed batch", stage)
+        log.exception("%s: could not dead-letter a failed batch; its messages stay unacked, so "
+                      "the worker reads them again after a restart", stage)
+        return False
+    return True

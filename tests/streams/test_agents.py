@@ -1,11 +1,20 @@
-"""Unit tests of streams/agents.py's in-process pieces (the agents themselves run against the
-real broker in test_worker_recovery.py and tests/test_end_to_end.py)."""
+"""Unit tests of streams/agents.py's in-process pieces, and its dead-lettering of a failed
+batch on the real broker (the agents themselves run against the real broker in
+test_worker_recovery.py and tests/test_end_to_end.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from types import SimpleNamespace
+from typing import Any
 
-from streams.agents import Published, RecentlyEncoded
+from metering import topics
+from metering.config import Settings
+from schemas import dead_letter_codec
+from streams.agents import Published, RecentlyEncoded, _dead_letter_all
+from streams.output import KafkaOutput
+from tests.topic_reader import read_all
 
 
 def _published(envelope_id: str, samples: int) -> Published:
@@ -56,3 +65,45 @@ def test_room_waits_for_takes_once_half_full() -> None:
         return blocked
 
     assert asyncio.run(run())
+
+
+def _failed_batch(topic: str, n: int) -> list[Any]:
+    # the fields of a Faust event a dead letter is made of
+    return [SimpleNamespace(message=SimpleNamespace(topic=topic, partition=0, offset=i, key=b"t",
+                                                    value=b"payload %d" % i)) for i in range(n)]
+
+
+def _sender(output: KafkaOutput) -> Any:
+    async def send(topic: Any, key: bytes | None, value: bytes, partition: int | None = None) -> Any:
+        return await output.send(topic.get_topic_name(), key, value, partition)
+    return send
+
+
+def test_a_failed_batch_is_dead_lettered_and_reported_so(settings: Settings) -> None:
+    dlq = settings.topic(topics.DLQ)
+    output = KafkaOutput(str(settings.kafka_bootstrap_servers))
+    names: Any = SimpleNamespace(dlq=SimpleNamespace(get_topic_name=lambda: dlq))
+    try:
+        assert asyncio.run(_dead_letter_all(_sender(output), names, _failed_batch("usage.vm", 3),
+                                            "normalize")) is True
+    finally:
+        output.close()
+    letters = [dead_letter_codec().decode(m.value()) for m in read_all(settings, topics.DLQ, idle=1.0)]
+    assert sorted(d["source_offset"] for d in letters) == [0, 1, 2]
+    assert {(d["source_topic"], d["stage"]) for d in letters} == {("usage.vm", "normalize")}
+    assert sorted(d["payload"] for d in letters) == [b"payload 0", b"payload 1", b"payload 2"]
+
+
+def test_a_batch_that_cannot_be_dead_lettered_is_reported_so_it_stays_unacked() -> None:
+    # no broker behind the output (a loopback port nothing listens on): the dead letters
+    # time out; the normalizer then leaves the batch unacked instead of acking it unbilled
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    output = KafkaOutput(f"127.0.0.1:{port}", {"message.timeout.ms": 1000, "log_level": 0})
+    names: Any = SimpleNamespace(dlq=SimpleNamespace(get_topic_name=lambda: "usage.dlq"))
+    try:
+        assert asyncio.run(_dead_letter_all(_sender(output), names, _failed_batch("usage.vm", 2),
+                                            "normalize")) is False
+    finally:
+        output.close(timeout_s=0)
