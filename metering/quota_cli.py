@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from metering import topics as names
 from metering.config import Settings
 from metering.errors import ConfigError, MeteringError
+from metering.kafka import producer_config
 from metering.topics import ensure_topics
 from streams.aggregations import DEFAULT_METRIC_AGGREGATIONS
 from streams.quotas import (
@@ -76,8 +77,7 @@ def _check_quotable(metric: str, settings: Settings | None = None) -> None:
 def _publish(settings: Settings, bootstrap: str | None, key: str, value: bytes | None,
              timeout: float) -> None:
     servers = _bootstrap(settings, bootstrap)
-    producer = Producer({"bootstrap.servers": servers, "acks": "all", "enable.idempotence": True,
-                         "partitioner": "murmur2_random", "log_level": 4})
+    producer = Producer(producer_config(servers))
     errors: list[str] = []
 
     def on_delivery(err: Any, msg: Any) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from metering.kafka import producer_config
 from producers.errors import PublishError
 from schemas import DECIMAL_QUANTUM, envelope_codec
 
@@ -66,19 +67,8 @@ class EnvelopePublisher:
         self.source = source
         self.producer_name = producer_name
         self.max_records = max_records_per_envelope
-        conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap_servers,
-            # librdkafka logs disconnects at info level; warnings and errors still show
-            "log_level": 4,
-            "acks": "all",
-            "enable.idempotence": True,
-            "linger.ms": 5,
-            "compression.type": "lz4",
-            # the Java client's partitioner, so aiokafka (Faust) and we agree on key -> partition
-            "partitioner": "murmur2_random",
-        }
-        conf.update(config or {})
-        self._producer = Producer(conf)
+        self._producer = Producer(producer_config(
+            bootstrap_servers, {"linger.ms": 5, "compression.type": "lz4", **(config or {})}))
         self._closed = False
         self._codec = envelope_codec()
         self._errors: list[str] = []

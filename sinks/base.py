@@ -30,6 +30,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Message, Producer, TopicPartition
 
+from metering.kafka import producer_config
 from schemas import AvroCodec, CodecError, encode_dead_letter
 from sinks.errors import BackpressureError, SinkError, SinkUnavailableError
 
@@ -131,10 +132,8 @@ class BatchingSink(ABC):
         conf.update(consumer_config or {})
         self.consumer = Consumer(conf)
         self._clients_closed = False
-        self._dlq_producer = Producer(
-            {"bootstrap.servers": bootstrap_servers, "acks": "all", "enable.idempotence": True,
-             "log_level": 4}
-        )
+        # dead letters carry no key, so the shared partitioner changes nothing here
+        self._dlq_producer = Producer(producer_config(bootstrap_servers))
 
     # ---- what subclasses provide -------------------------------------------------------
 

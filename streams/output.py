@@ -7,10 +7,11 @@ worker's time under the GIL in a py-spy profile of ``python -m bench stream_thro
 librdkafka batches, compresses and sends in threads of its own, without the GIL; what is
 left on the event loop is one ``produce`` call and one future per message.
 
-Same guarantees as the Faust producer it replaces for these topics: acks from all in-sync
-replicas, an idempotent producer (no duplicate and no reordering within a partition on a
-retry: message order in ``usage.records`` decides lateness), and the Java client's key
-partitioner, so a tenant's records land on the partition aiokafka would pick.
+Same guarantees as the Faust producer it replaces for these topics (the project's producer
+settings, :func:`metering.kafka.producer_config`): acks from all in-sync replicas, an
+idempotent producer (no duplicate and no reordering within a partition on a retry: message
+order in ``usage.records`` decides lateness), and the Java client's key partitioner, so a
+tenant's records land on the partition aiokafka would pick.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from metering.errors import MeteringError
+from metering.kafka import producer_config
 
 __all__ = ["KafkaOutput", "OutputError"]
 
@@ -52,11 +54,7 @@ class KafkaOutput:
     """
 
     def __init__(self, bootstrap_servers: str, config: dict[str, Any] | None = None) -> None:
-        conf: dict[str, Any] = {
-            "bootstrap.servers": bootstrap_servers,
-            "log_level": 4,  # librdkafka logs disconnects at info level
-            "acks": "all",
-            "enable.idempotence": True,
+        self._conf = producer_config(bootstrap_servers, {
             # no linger: an agent waits for the acknowledgement of its batch's last message
             # before it acks its input, so a linger would add its whole length to every
             # batch (bench stream_throughput, three alternated rounds each: stage/raw 0.55,
@@ -64,10 +62,8 @@ class KafkaOutput:
             # librdkafka still batches what queues while a request is in flight
             "linger.ms": 0,
             "compression.type": "lz4",
-            "partitioner": "murmur2_random",  # the Java client's, as aiokafka's default
-        }
-        conf.update(config or {})
-        self._conf = conf
+            **(config or {}),
+        })
         # made at the first send: a worker built but never run (or only inspected) opens no
         # connection, and leaves none behind to log reconnect failures once its broker is gone
         self._producer: Producer | None = None

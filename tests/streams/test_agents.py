@@ -5,12 +5,12 @@ test_worker_recovery.py and tests/test_end_to_end.py)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from types import SimpleNamespace
 from typing import Any
 
 from metering import topics
 from metering.config import Settings
+from metering.embedded import free_port
 from schemas import dead_letter_codec
 from streams.agents import Published, RecentlyEncoded, _dead_letter_all
 from streams.output import KafkaOutput
@@ -97,10 +97,7 @@ def test_a_failed_batch_is_dead_lettered_and_reported_so(settings: Settings) -> 
 def test_a_batch_that_cannot_be_dead_lettered_is_reported_so_it_stays_unacked() -> None:
     # no broker behind the output (a loopback port nothing listens on): the dead letters
     # time out; the normalizer then leaves the batch unacked instead of acking it unbilled
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    output = KafkaOutput(f"127.0.0.1:{port}", {"message.timeout.ms": 1000, "log_level": 0})
+    output = KafkaOutput(f"127.0.0.1:{free_port()}", {"message.timeout.ms": 1000, "log_level": 0})
     names: Any = SimpleNamespace(dlq=SimpleNamespace(get_topic_name=lambda: "usage.dlq"))
     try:
         assert asyncio.run(_dead_letter_all(_sender(output), names, _failed_batch("usage.vm", 2),

@@ -5,7 +5,6 @@ waited out, failures as OutputError, and close delivering what is queued."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from typing import Any
@@ -15,7 +14,7 @@ from aiokafka.partitioner import murmur2
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from metering.embedded import TansuBroker
+from metering.embedded import TansuBroker, free_port
 from metering.errors import MeteringError
 from streams.output import KafkaOutput, OutputError
 
@@ -72,7 +71,7 @@ def test_an_acknowledged_send_is_on_the_partition_aiokafka_picks_for_its_key(bro
 
 def test_sends_to_one_partition_keep_their_order(broker: TansuBroker) -> None:
     topic = _topic(broker, 1)
-    output = KafkaOutput(broker.bootstrap_servers, {"linger.ms": 0})
+    output = KafkaOutput(broker.bootstrap_servers)
     values = [b"%06d" % i for i in range(3000)]
     try:
         asyncio.run(_send_all(output, topic, [(b"tenant-a", v) for v in values]))
@@ -152,7 +151,7 @@ def test_close_delivers_what_is_queued_and_later_sends_fail(broker: TansuBroker)
 def test_an_output_never_sent_to_opens_no_connection(capfd: pytest.CaptureFixture[str]) -> None:
     # a worker built but not run (tests inspect apps that way) must not leave a producer
     # behind that logs a reconnect failure every second once the broker is gone
-    output = KafkaOutput(f"127.0.0.1:{_closed_port()}")
+    output = KafkaOutput(f"127.0.0.1:{free_port()}")
     time.sleep(1.5)  # librdkafka would have tried (and logged) its first connect by now
     assert output.close() == 0
     assert "Connect to" not in capfd.readouterr().err
@@ -163,7 +162,7 @@ def test_close_gives_up_what_cannot_be_delivered_and_fails_its_futures(
 ) -> None:
     # no broker: the message stays queued. close() waits its timeout, then gives it up at
     # once instead of destroying the producer only after message.timeout.ms (5 minutes)
-    output = KafkaOutput(f"127.0.0.1:{_closed_port()}", {"log_level": 3})
+    output = KafkaOutput(f"127.0.0.1:{free_port()}", {"log_level": 3})
 
     async def queue_then_close() -> None:
         fut = await output.send("nowhere", None, b"x")
@@ -179,9 +178,3 @@ def test_close_gives_up_what_cannot_be_delivered_and_fails_its_futures(
     # refused connection shows on stderr
     assert "Connect to" in capfd.readouterr().err
 
-
-def _closed_port() -> int:
-    # a loopback port nothing listens on: bound, then released
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
