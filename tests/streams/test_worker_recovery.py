@@ -246,19 +246,27 @@ def stored_windows(s: Settings, server: ClickHouseServer, expect: int) -> dict[s
     return out
 
 
+@pytest.mark.parametrize("stop", ["sigkill", "sigterm"])
 def test_sigkill_and_restart_gives_the_uninterrupted_windows_and_alerts(
         broker: TansuBroker, clickhouse_server: ClickHouseServer,
         uninterrupted: tuple[dict[str, Any], dict[str, Any]], quota_file: Path,
-        tmp_path: Path) -> None:
+        tmp_path: Path, stop: str) -> None:
+    """SIGKILL: no shutdown at all. SIGTERM: the worker shuts down cleanly while input
+    arrives (its output producer closing after its agents). Either way the restarted worker
+    must give the uninterrupted run's windows exactly. Whether a batch is caught mid-flight
+    at the SIGTERM is left to timing: closing the output first did not fail this in two runs."""
     baseline, baseline_alerts = uninterrupted
-    s = make_settings(broker, "kill.")
+    s = make_settings(broker, f"{stop}.")
     w = WorkerProcess(s, tmp_path, QUOTA_FILE=str(quota_file)).start()
     feeder = threading.Thread(target=produce, args=(s, 0.4))
     feeder.start()
-    # kill as soon as a third of the windows are out, while input is still arriving
+    # stop as soon as a third of the windows are out, while input is still arriving
     seen = windows(s, expect=len(baseline) // 3, timeout=60, settle=0)
-    assert feeder.is_alive(), "input finished before the kill: the test would prove nothing"
-    w.kill()
+    assert feeder.is_alive(), "input finished before the stop: the test would prove nothing"
+    if stop == "sigkill":
+        w.kill()
+    else:
+        assert w.stop() == 0, "the worker did not shut down cleanly on SIGTERM"
     assert len(seen) < len(baseline)
     before_kill = alerts(s, idle=2.0)
     w.start()
