@@ -31,6 +31,8 @@ __all__ = ["KafkaOutput", "OutputError"]
 _POLL_S = 0.05
 #: how long a full local queue is waited on before ``produce`` is tried again
 _QUEUE_FULL_WAIT_S = 0.005
+#: the delivery errors of messages ``close`` gave up
+_PURGED = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT})
 
 
 class OutputError(MeteringError):
@@ -70,6 +72,10 @@ class KafkaOutput:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        # messages given up at close; counted from their delivery reports, since what
+        # flush() returns also counts librdkafka's own queued events (a connection error)
+        self._given_up = 0
+        self._given_up_lock = threading.Lock()
 
     def _start(self) -> Producer:
         try:
@@ -97,6 +103,9 @@ class KafkaOutput:
 
         def report(err: KafkaError | None, _msg: Any) -> None:
             # runs in the thread that polled; an exception here would end that thread
+            if err is not None and err.code() in _PURGED:
+                with self._given_up_lock:  # close() and the report thread both poll
+                    self._given_up += 1
             try:
                 loop.call_soon_threadsafe(_settle, fut, err)
             except RuntimeError:  # the loop is closed: nobody waits for this message
@@ -128,8 +137,7 @@ class KafkaOutput:
         producer = self._producer
         if producer is None:
             return 0
-        left: int = producer.flush(timeout_s)
-        if left:
+        if producer.flush(timeout_s):
             # undeliverable for now: give them up (their futures fail), or destroying the
             # producer would wait out message.timeout.ms (5 minutes) for them
             producer.purge()
@@ -138,4 +146,5 @@ class KafkaOutput:
         if self._thread is not None:
             self._thread.join()
         producer.close()
-        return left
+        with self._given_up_lock:
+            return self._given_up
