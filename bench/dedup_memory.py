@@ -36,7 +36,7 @@ __all__ = ["main"]
 
 H = 3_600_000
 PER_MESSAGE = 500
-BATCH = 250  # messages between saves, as the normalizer takes them (NORMALIZE_TAKE_MAX)
+BATCH = 100  # messages between saves, as the normalizer takes them
 
 
 def _shape(window_stage: bool) -> tuple[int, int]:

@@ -7,7 +7,7 @@ beside loading the saved entries one at a time (``EventIdFilter.load``, what it 
     python -m bench dedup_restore --window-stage    # offsets, 10-minute buckets
 
 The table is written the way the worker writes it (``TableBackedFilters.save`` after every
-batch of 250 messages of 500 new ids). Both restores read the same table, alternated, best of
+batch of 100 messages of 500 new ids). Both restores read the same table, alternated, best of
 ``--rounds``; the peak memory each allocates on the way (tracemalloc, numpy included) comes
 from one more run of each. Restoring runs on the worker's event loop: nothing else of the
 worker runs meanwhile.
