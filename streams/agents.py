@@ -45,11 +45,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TAKE_MAX = 500
-# each batch ends in a wait for its outputs' acknowledgements, with the loop idle: 250
-# envelopes a batch, not 100, waits less often (python -m bench stream_throughput, 11
-# alternated rounds each: stage/raw median 0.54 against 0.51, and less CPU per decoded
-# sample in 7 rounds of 8); a batch must fit the cache of what was just encoded
-NORMALIZE_TAKE_MAX = 250
+NORMALIZE_TAKE_MAX = 100
 # how long a batch waits to fill: under a backlog batches fill at once, so this matters only
 # when input pauses; then each stage waits this long before handling what it has (with 0.2 s
 # the end of a burst waited twice that, normalizer then window stage, before its results)
@@ -168,10 +164,7 @@ class RecentlyEncoded:
     compared whole (hashing the whole 50 KB payload twice, at put and at take, cost three
     times the compare); bounded, so a miss just decodes."""
 
-    def __init__(self, max_records: int = 500_000) -> None:
-        # room() lets a normalizer batch in at half full or less: half (250 k records) and
-        # a batch of full envelopes (250 x 500) fit, so nothing just published is evicted
-        # before the window stage takes it
+    def __init__(self, max_records: int = 200_000) -> None:
         self._items: OrderedDict[tuple[int, bytes, bytes], tuple[bytes, Published]] = OrderedDict()
         self._max_records = max_records
         self._records = 0
