@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import sys
 
 import faust
 
@@ -11,6 +12,7 @@ from metering.config import Settings
 from streams.agents import WindowState, install_agents
 from streams.app import create_app
 from streams.quota_agent import install_quota_agent
+from streams.stacks import render_stacks
 from streams.tables import declare_tables
 from streams.topics import declare_topics
 from streams.views import install_views
@@ -19,6 +21,17 @@ __all__ = ["build_worker", "run_worker", "tune_gc"]
 
 #: allocations between young-generation collections (CPython's default is 700)
 GC_YOUNG_THRESHOLD = 100_000
+
+
+class _Worker(faust.Worker):
+    """Faust's worker, with a SIGUSR1 dump that says what each task waits on."""
+
+    def _on_sigusr1(self) -> None:
+        # Faust's own prints each task's outermost frame and every frame's locals: too little
+        # to tell an agent waiting for input from one waiting for acknowledgements, and too
+        # much to read. Runs on the event loop (mode installs it with add_signal_handler).
+        sys.stderr.write(render_stacks(self.loop))
+        sys.stderr.flush()
 
 
 def build_worker(settings: Settings, bootstrap_servers: str) -> tuple[faust.App, WindowState]:
@@ -36,7 +49,7 @@ def run_worker(settings: Settings, bootstrap_servers: str, loglevel: str = "info
     """Run the stream worker in the foreground until it is stopped (SIGTERM/SIGINT)."""
     app, _ = build_worker(settings, bootstrap_servers)
     tune_gc()
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker = _Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
 
 

@@ -101,3 +101,19 @@ class WorkerProcess(ChildProcess):
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         return self
+
+    def dump_stacks(self, wait_s: float = 2.0, most: int = 600) -> str:
+        """What the worker waits on: its threads' stacks and its tasks' await chains, which
+        it prints to its log on SIGUSR1 (``streams/stacks.py``); for a test that finds the
+        worker stuck, in the failure CI prints."""
+        if self.proc is None or self.proc.poll() is not None:
+            return "(the worker is not running)"
+        start = self.log_path.stat().st_size
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(wait_s)
+        with self.log_path.open("rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        keep = [line for line in text.splitlines()
+                if line.lstrip().startswith(("THREAD ", "TASK ", 'File "', "awaiting "))]
+        return "\n".join(keep[:most]) or "(no stacks in the log)"

@@ -273,6 +273,9 @@ def test_sigkill_and_restart_gives_the_uninterrupted_windows_and_alerts(
     feeder.join()
     try:
         result = windows(s, expect=len(baseline))
+        # windows missing: what the restarted worker waits on, asked before it is stopped
+        # (CI once saw its normalizer stop after two batches, with nothing in the log)
+        stacks = w.dump_stacks() if len(result) < len(baseline) else ""
         fired = alerts(s, idle=2.0)
     finally:
         w.stop()
@@ -280,7 +283,8 @@ def test_sigkill_and_restart_gives_the_uninterrupted_windows_and_alerts(
     if diffs:
         dump_topics(s, tmp_path / "topics.jsonl")
     assert not diffs, (f"{len(diffs)} differences:\n" + "\n".join(diffs)
-                       + "\nworker log, warnings and seeks:\n" + log_excerpt(w.log_path))
+                       + "\nworker log, warnings and seeks:\n" + log_excerpt(w.log_path)
+                       + "\nthe worker's stacks when windows were missing:\n" + stacks)
     assert w.log_path.read_text().count("Worker ready") >= 2  # the restarted worker did the rest
     # quota alerts: each fired once across the kill, and exactly the uninterrupted run's
     twice = {k: n for k, n in Counter(a["alert_id"] for a in fired).items() if n > 1}
@@ -304,6 +308,8 @@ def test_two_workers_in_one_group_give_one_workers_windows_and_alerts(
         time.sleep(8)  # let both join, so partitions are shared
         produce(s, pause=0.05)
         result = windows(s, expect=len(baseline))
+        stacks = ("\n".join(f"{w.log_path.name}:\n{w.dump_stacks()}" for w in (a, b))
+                  if len(result) < len(baseline) else "")
         fired = alerts(s, idle=2.0)
         assert a.alive() and b.alive()
         views = live_views(s, (a, b), sorted({w["tenant_id"] for w in baseline.values()}))
@@ -311,7 +317,8 @@ def test_two_workers_in_one_group_give_one_workers_windows_and_alerts(
         a.stop()
         b.stop()
     diffs = differences(result, baseline)
-    assert not diffs, f"{len(diffs)} differences:\n" + "\n".join(diffs)
+    assert not diffs, (f"{len(diffs)} differences:\n" + "\n".join(diffs)
+                       + "\nthe workers' stacks when windows were missing:\n" + stacks)
     assert Counter(a["alert_id"] for a in fired) == Counter(set(baseline_alerts))
     assert {a["alert_id"]: a for a in fired} == baseline_alerts
     # both workers windowed records: the partitions were shared, not all taken by one
