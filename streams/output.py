@@ -130,7 +130,7 @@ class KafkaOutput:
         """Deliver what is queued (at most ``timeout_s``; what is left then is given up, its
         futures failed), then release the producer (its connections and threads: kept past
         its broker, it would log a reconnect failure every second); returns how many messages
-        were still undelivered. Later sends fail."""
+        it gave up. Later sends fail."""
         if self._closed:
             return 0
         self._closed = True

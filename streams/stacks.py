@@ -25,20 +25,22 @@ __all__ = ["render_stacks", "task_chain"]
 _MAX_DEPTH = 64
 
 
-def _frame_of(obj: Any) -> FrameType | None:
-    for attr in ("cr_frame", "ag_frame", "gi_frame"):
-        frame = getattr(obj, attr, None)
-        if frame is not None:
-            return frame  # type: ignore[no-any-return]
+def _first_attr(obj: Any, attrs: tuple[str, ...]) -> Any:
+    # coroutines, async generators and generators name the same thing differently
+    for attr in attrs:
+        value = getattr(obj, attr, None)
+        if value is not None:
+            return value
     return None
+
+
+def _frame_of(obj: Any) -> FrameType | None:
+    frame: FrameType | None = _first_attr(obj, ("cr_frame", "ag_frame", "gi_frame"))
+    return frame
 
 
 def _awaited_by(obj: Any) -> Any:
-    for attr in ("cr_await", "ag_await", "gi_yieldfrom"):
-        awaited = getattr(obj, attr, None)
-        if awaited is not None:
-            return awaited
-    return None
+    return _first_attr(obj, ("cr_await", "ag_await", "gi_yieldfrom"))
 
 
 def _unwrap(obj: Any) -> Any:
@@ -75,16 +77,15 @@ def task_chain(task: asyncio.Task[Any]) -> list[str]:
     return lines
 
 
-def render_stacks(loop: asyncio.AbstractEventLoop | None) -> str:
-    """Every thread's stack, then (given the loop) every task's await chain."""
+def render_stacks(loop: asyncio.AbstractEventLoop) -> str:
+    """Every thread's stack, then every task of ``loop`` with its await chain."""
     out = [f"==== stacks of pid {os.getpid()} ===="]
     names = {t.ident: t.name for t in threading.enumerate()}
     for ident, frame in sys._current_frames().items():
         out.append(f"THREAD {names.get(ident, ident)}")
         out.extend(line.rstrip("\n") for line in traceback.format_stack(frame, limit=12))
-    if loop is not None:
-        for task in sorted(asyncio.all_tasks(loop), key=lambda t: t.get_name()):
-            out.append(f"TASK {task.get_name()} {task.get_coro()!r:.120}")
-            out.extend(task_chain(task))
+    for task in sorted(asyncio.all_tasks(loop), key=lambda t: t.get_name()):
+        out.append(f"TASK {task.get_name()} {task.get_coro()!r:.120}")
+        out.extend(task_chain(task))
     out.append("==== end of stacks ====")
     return "\n".join(out) + "\n"

@@ -177,4 +177,3 @@ def test_close_gives_up_what_cannot_be_delivered_and_fails_its_futures(
     # the control for the test above: an output that sends does try to connect, and the
     # refused connection shows on stderr
     assert "Connect to" in capfd.readouterr().err
-
